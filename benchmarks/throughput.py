@@ -1,0 +1,619 @@
+"""Training and inference throughput of our models, side by side with timm's.
+
+Takes the same Hydra overrides as `vit-train` (positional `key=value`), plus its own
+`--flags`. Every model is measured with the same procedure in the same process: warm-up
+steps, then timed windows in which the models take turns (the order rotates each round),
+so a change in machine load hits all of them alike. Figures are medians over windows;
+against timm we also report the median of the per-round (paired) ratios.
+
+Examples:
+    python benchmarks/throughput.py model=vit_tiny data.batch_size=16
+    python benchmarks/throughput.py model=vit_tiny precision=bf16 data.batch_size=16 --naive-attention
+    python benchmarks/throughput.py model=swin_tiny data.batch_size=16 --json outputs/benchmarks/swin.json
+    python benchmarks/throughput.py model=vit_base --device cuda --compile --windows 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import importlib.resources
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit_cli.config import SwinConfig, TrainConfig, ViTConfig, register_configs
+from vit_cli.errors import UserError
+from vit_cli.models import build_model
+from vit_cli.models.layers import Attention
+from vit_cli.optim import build_optimizer
+from vit_cli.precision import Precision, resolve_precision
+
+# timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
+# (embed_dim, depths, num_heads) for Swin.
+TIMM_VIT_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"}
+TIMM_SWIN_SIZES = {
+    (96, (2, 2, 6, 2), (3, 6, 12, 24)): "tiny",
+    (96, (2, 2, 18, 2), (3, 6, 12, 24)): "small",
+    (128, (2, 2, 18, 2), (4, 8, 16, 32)): "base",
+}
+PHASES = ("train", "infer")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for vit-train")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="default: config's device"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model and phase")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per model and phase")
+    parser.add_argument("--steps-per-window", type=int, default=5)
+    parser.add_argument("--in-chans", type=int, default=3, help="input channels (3, as timm)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes (1000, as timm)")
+    parser.add_argument("--timm-model", help="timm peer; default: derived from the config")
+    parser.add_argument("--no-timm", action="store_true", help="measure without the timm peer")
+    parser.add_argument(
+        "--naive-attention",
+        action="store_true",
+        help="also measure our model with explicit softmax(q k^T / sqrt(d)) v attention",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile-mode", default="default", help="mode for torch.compile")
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        help="side of the square peak matmul (default: 2048 CPU, 4096 CUDA)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = parser.parse_intermixed_args(argv)
+    if min(args.warmup + 1, args.windows, args.steps_per_window) < 1:
+        parser.error("--windows and --steps-per-window must be positive, --warmup not negative")
+    return args
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    register_configs()
+    config_dir = str(importlib.resources.files("vit_cli.configs"))
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device.")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class NaiveAttention(nn.Module):
+    """Attention as the seed guide writes it: softmax(q k^T / sqrt(d)) v, matmul by matmul.
+
+    Shares the qkv and proj layers of the Attention it replaces, so the only difference
+    from our model is the attention math (no fused kernel).
+    """
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.qkv = attn.qkv
+        self.attn_drop = nn.Dropout(attn.attn_drop)
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, N, N)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        x = self.attn_drop(scores.softmax(dim=-1)) @ v  # (B, nh, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def with_naive_attention(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` with every Attention swapped for NaiveAttention (None: it has none)."""
+    naive = copy.deepcopy(model)
+    swapped = 0
+    for parent in naive.modules():
+        for name, child in parent.named_children():
+            if type(child) is Attention:
+                setattr(parent, name, NaiveAttention(child))
+                swapped += 1
+    return naive if swapped else None
+
+
+def timm_peer_name(cfg: ViTConfig | SwinConfig) -> str | None:
+    """The timm model with the same architecture as `cfg`, when there is an obvious one."""
+    if cfg.mlp_ratio != 4.0 or not cfg.qkv_bias:
+        return None
+    if isinstance(cfg, ViTConfig):
+        size = TIMM_VIT_SIZES.get((cfg.embed_dim, cfg.depth, cfg.num_heads))
+        return size and f"vit_{size}_patch{cfg.patch_size}_224"
+    if isinstance(cfg, SwinConfig):
+        size = TIMM_SWIN_SIZES.get((cfg.embed_dim, tuple(cfg.depths), tuple(cfg.num_heads)))
+        return size and f"swin_{size}_patch{cfg.patch_size}_window{cfg.window_size}_224"
+    return None
+
+
+def build_timm_peer(
+    name: str, cfg: ViTConfig | SwinConfig, img_size: int, in_chans: int, num_classes: int
+) -> nn.Module:
+    """timm's `name`, untrained, at our image size, classes and dropout rates."""
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model {name!r}; pass another --timm-model, or --no-timm.")
+    return timm.create_model(
+        name,
+        pretrained=False,
+        img_size=img_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        drop_rate=cfg.drop_rate,
+        proj_drop_rate=cfg.drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """q k^T and weights @ v: 2 * N_q * N_k * (d_qk + d_v) per batch and head."""
+    *batch, n_q, d_qk = query_shape
+    return 2 * math.prod(batch) * n_q * key_shape[-2] * (d_qk + value_shape[-1])
+
+
+def forward_flops_per_image(model: nn.Module, images: torch.Tensor) -> float:
+    """FLOPs of one forward pass per image, as counted by FlopCounterMode.
+
+    FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel, which we
+    count here the same way.
+    """
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_flash: _cpu_flash_attention_flops})
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), counter:
+        model(images[:1])
+    model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> Callable[[], torch.Tensor]:
+    """One training step: forward, loss, backward and optimizer step, as vit-train runs it."""
+    scaler = precision.grad_scaler()
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def make_infer_step(
+    model: nn.Module, precision: Precision, images: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), precision.autocast():
+            return model(images)
+
+    return step
+
+
+def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> int | None:
+    """Peak memory one step needs above what was resident before it, in bytes.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) after handing freed heap pages back to the
+    OS; process-wide, so a rough figure (None where /proc does not allow it).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages resident otherwise
+    start = _reset_cpu_peak_rss()
+    if start is None:
+        return None
+    step()
+    return _read_proc_status("VmHWM") - start
+
+
+def _read_proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"{key} is not in /proc/self/status")
+
+
+def _reset_cpu_peak_rss() -> int | None:
+    """Reset VmHWM to the current RSS and return it (None: not possible here)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _read_proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class PhaseResult:
+    img_per_s: list[float] = field(default_factory=list)  # one per window
+    peak_memory: int | None = None  # bytes, of one extra untimed step
+    last_loss: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.img_per_s)
+
+
+@dataclass
+class Candidate:
+    key: str  # "ours", "timm" or "naive"
+    label: str
+    model: nn.Module
+    params: int
+    forward_flops: float  # per image
+    phases: dict[str, PhaseResult] = field(default_factory=dict)
+
+
+def time_window(
+    step: Callable[[], torch.Tensor], steps: int, device: torch.device
+) -> tuple[float, torch.Tensor]:
+    """Seconds for `steps` calls of `step`, and the last call's output."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def matmul_flops_per_s(
+    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 3
+) -> float:
+    """Median FLOP/s of a square (size x size) matmul in `dtype`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = [time_window(lambda: a @ b, 1, device)[0] for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times)
+
+
+def measure_phase(
+    phase: str,
+    candidates: list[Candidate],
+    steps: dict[str, Callable[[], torch.Tensor]],
+    batch_size: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul: tuple[int, torch.dtype],
+) -> list[float]:
+    """Warm every model up, then time rounds of one window each, rotating the order.
+
+    Each round ends with a matmul peak sample; returns them, in FLOP/s.
+    """
+    peak_samples = []
+    for c in candidates:
+        c.model.train(phase == "train")
+        c.phases[phase] = PhaseResult()
+        for _ in range(args.warmup):
+            steps[c.key]()
+    for round_ in range(args.windows):
+        shift = round_ % len(candidates)
+        for c in candidates[shift:] + candidates[:shift]:
+            result = c.phases[phase]
+            seconds, out = time_window(steps[c.key], args.steps_per_window, device)
+            result.img_per_s.append(args.steps_per_window * batch_size / seconds)
+            if phase == "train":
+                result.last_loss = out.item()
+        peak_samples.append(matmul_flops_per_s(*matmul, device))
+    for c in candidates:
+        c.phases[phase].peak_memory = step_peak_memory(steps[c.key], device)
+    return peak_samples
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def summarize(candidates: list[Candidate], peak: dict[str, float]) -> dict[str, dict]:
+    """Every figure per model: throughput, TFLOP/s, MFU, memory and ratios against timm."""
+    peer = next((c for c in candidates if c.key == "timm"), None)
+    summary = {}
+    for c in candidates:
+        entry: dict = {
+            "label": c.label,
+            "params": c.params,
+            "forward_gflop_per_img": c.forward_flops / 1e9,
+        }
+        for phase, result in c.phases.items():
+            flops = c.forward_flops * (3 if phase == "train" else 1)  # backward ~ 2x forward
+            achieved = flops * result.median
+            memory = result.peak_memory
+            entry[phase] = {
+                "img_per_s": result.median,
+                "img_per_s_windows": result.img_per_s,
+                "tflop_per_s": achieved / 1e12,
+                "mfu": achieved / peak[phase],
+                "peak_mem_mib": None if memory is None else memory / 2**20,
+            }
+            if phase == "train":
+                entry[phase]["last_loss"] = result.last_loss
+        if peer is not None and c is not peer:
+            entry["vs_timm"] = {
+                phase: ratios(c.phases[phase], peer.phases[phase]) for phase in c.phases
+            }
+        summary[c.key] = entry
+    return summary
+
+
+def ratios(ours: PhaseResult, peer: PhaseResult) -> dict[str, float]:
+    pairs = [a / b for a, b in zip(ours.img_per_s, peer.img_per_s, strict=True)]
+    return {
+        "ratio_of_medians": ours.median / peer.median,
+        "median_of_paired_ratios": statistics.median(pairs),
+    }
+
+
+def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None:
+    console.print(
+        f"[bold]{meta['device_name']}[/] ({meta['device']}), torch {meta['torch']}, "
+        f"{meta['threads']} threads, precision {meta['precision']} ({meta['dtype']}), "
+        f"batch {meta['batch_size']} (eval {meta['eval_batch_size']}), {meta['img_size']} px"
+        + (f", torch.compile mode={meta['compile_mode']}" if meta["compile"] else "")
+    )
+    mm = meta["matmul"]
+    console.print(
+        f"matmul peak ({mm['size']}² {mm['dtype']}, median of the rounds): "
+        f"{mm['tflop_per_s']['train']:.3f} TFLOP/s while training, "
+        f"{mm['tflop_per_s']['infer']:.3f} while inferring; img/s: medians of "
+        f"{meta['windows']} windows x {meta['steps_per_window']} steps "
+        f"after {meta['warmup']} warm-up steps"
+    )
+    table = Table(caption="vs timm: ratio of medians (median of paired ratios)")
+    for column in (
+        "model",
+        "params",
+        "train img/s",
+        "infer img/s",
+        "train TFLOP/s",
+        "train MFU",
+        "infer MFU",
+        "train peak mem",
+        "train vs timm",
+        "infer vs timm",
+    ):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for entry in summary.values():
+        train, infer, vs = entry["train"], entry["infer"], entry.get("vs_timm", {})
+        table.add_row(
+            entry["label"],
+            f"{entry['params'] / 1e6:.2f}M",
+            f"{train['img_per_s']:.1f}",
+            f"{infer['img_per_s']:.1f}",
+            f"{train['tflop_per_s']:.3f}",
+            f"{train['mfu']:.1%}",
+            f"{infer['mfu']:.1%}",
+            "n/a" if train["peak_mem_mib"] is None else f"{train['peak_mem_mib']:.0f} MiB",
+            *(_format_ratio(vs.get(phase)) for phase in PHASES),
+        )
+    console.print(table)
+    if meta["device"] == "cpu":
+        console.print("peak mem on CPU: growth of the process-wide peak RSS (VmHWM) in a step.")
+    for entry in summary.values():
+        loss = entry["train"]["last_loss"]
+        if not math.isfinite(loss):
+            console.print(f"[red]{entry['label']}: the training loss is {loss}[/]")
+
+
+def _format_ratio(ratio: dict[str, float] | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio['ratio_of_medians']:.3f}x ({ratio['median_of_paired_ratios']:.3f}x)"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_candidates(
+    cfg: TrainConfig,
+    args: argparse.Namespace,
+    console: Console,
+    img_size: int,
+    sample: torch.Tensor,
+) -> list[Candidate]:
+    """Our model, the timm peer and the naive-attention variant, as asked for."""
+    models: list[tuple[str, str, nn.Module]] = []
+    torch.manual_seed(cfg.seed)
+    ours = build_model(cfg.model, img_size, args.in_chans, args.num_classes)
+    models.append(("ours", f"ours ({cfg.model.name})", ours))
+    peer_name = None if args.no_timm else args.timm_model or timm_peer_name(cfg.model)
+    if not args.no_timm and peer_name is None:
+        console.print(
+            "No timm model is known for this config: pass --timm-model NAME. Skipping the peer."
+        )
+    elif peer_name is not None and importlib.util.find_spec("timm") is None:
+        console.print("timm is not installed (pip install -e '.[bench]'): skipping the peer.")
+    elif peer_name is not None:
+        torch.manual_seed(cfg.seed)
+        peer = build_timm_peer(peer_name, cfg.model, img_size, args.in_chans, args.num_classes)
+        models.append(("timm", f"timm {peer_name}", peer))
+    if args.naive_attention:
+        naive = with_naive_attention(ours)
+        if naive is None:
+            console.print(
+                f"{cfg.model.name} has no vit_cli Attention to swap: skipping naive attention."
+            )
+        else:
+            models.append(("naive", "ours, naive attention", naive))
+
+    candidates = []
+    for key, label, model in models:
+        model.to(sample.device)
+        candidate = Candidate(
+            key=key,
+            label=label,
+            model=model,
+            params=sum(p.numel() for p in model.parameters()),
+            forward_flops=forward_flops_per_image(model, sample),
+        )
+        if args.compile:
+            candidate.model = torch.compile(model, mode=args.compile_mode)
+        candidates.append(candidate)
+    return candidates
+
+
+def run(args: argparse.Namespace, console: Console) -> dict:
+    cfg = compose_config(args.overrides)
+    device = resolve_device(args.device or cfg.device)
+    precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
+    img_size = cfg.model.img_size or cfg.data.img_size
+    batch_size = cfg.data.batch_size
+    eval_batch_size = cfg.data.eval_batch_size or batch_size
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shape = (args.in_chans, img_size, img_size)
+    images = torch.randn(batch_size, *shape, generator=generator).to(device)
+    labels = torch.randint(args.num_classes, (batch_size,), generator=generator).to(device)
+    eval_images = torch.randn(eval_batch_size, *shape, generator=generator).to(device)
+
+    candidates = build_candidates(cfg, args, console, img_size, images)
+    dtype = precision.autocast_dtype or torch.float32
+    matmul = (args.matmul_size or (4096 if device.type == "cuda" else 2048), dtype)
+    train_steps = {
+        c.key: make_train_step(
+            c.model, build_optimizer(cfg.optimizer, c.model), precision, images, labels
+        )
+        for c in candidates
+    }
+    infer_steps = {c.key: make_infer_step(c.model, precision, eval_images) for c in candidates}
+    # MFU divides by the peak measured in the same phase, under the same machine load.
+    peak_samples = {
+        "train": measure_phase("train", candidates, train_steps, batch_size, args, device, matmul),
+        "infer": measure_phase(
+            "infer", candidates, infer_steps, eval_batch_size, args, device, matmul
+        ),
+    }
+    peak = {phase: statistics.median(samples) for phase, samples in peak_samples.items()}
+
+    meta = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": precision.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "img_size": img_size,
+        "in_chans": args.in_chans,
+        "num_classes": args.num_classes,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "warmup": args.warmup,
+        "windows": args.windows,
+        "steps_per_window": args.steps_per_window,
+        "overrides": args.overrides,
+        "matmul": {
+            "size": matmul[0],
+            "dtype": str(dtype).removeprefix("torch."),
+            "tflop_per_s": {phase: flops / 1e12 for phase, flops in peak.items()},
+            "samples_tflop_per_s": {
+                phase: [s / 1e12 for s in samples] for phase, samples in peak_samples.items()
+            },
+        },
+    }
+    summary = summarize(candidates, peak)
+    print_report(console, meta, summary)
+    return {"meta": meta, "models": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Wide enough for the table when the output goes to a file or a pipe.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        results = run(args, console)
+    except (UserError, HydraException, OmegaConfBaseException) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

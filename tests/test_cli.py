@@ -1,0 +1,154 @@
+"""The real `vit-train` console script, run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import TINY, _vit_train_command
+from vit_cli.checkpoint import load_checkpoint
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/*/*/.hydra"))
+
+
+def test_help_lists_the_config_groups(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for group in ("model:", "data:", "optimizer:", "precision:", "scheduler:"):
+        assert group in result.stdout
+    assert "vit_tiny" in result.stdout and "digits" in result.stdout
+
+
+@pytest.mark.slow
+def test_train_on_digits_writes_config_log_events_and_checkpoints(run_cli, tmp_path):
+    result = run_cli(*TINY, "trainer.epochs=3")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "epoch 3/3" in (run_dir / "train.log").read_text()
+    assert "best val top-1" in result.stdout
+    last = load_checkpoint(run_dir / "last.pt")
+    best = load_checkpoint(run_dir / "best.pt")
+    assert last["state"]["epoch"] == 3
+    assert best["metrics"]["val/acc1"] > 25.0  # chance is 10%
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert len(events.Scalars("val/acc1")) == 3
+    assert max(e.value for e in events.Scalars("val/acc1")) == pytest.approx(
+        best["metrics"]["val/acc1"]
+    )
+
+
+def test_unknown_model_option_lists_the_valid_ones(run_cli):
+    result = run_cli("model=vtt")
+    assert result.returncode != 0
+    assert "Could not find 'model/vtt'" in result.stderr
+    assert "vit_tiny" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_misspelt_key_names_the_key(run_cli):
+    result = run_cli("trainer.epoch=3")
+    assert result.returncode != 0
+    assert "trainer.epoch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_root_gets_a_short_message(run_cli, tmp_path):
+    result = run_cli("data=imagefolder", f"data.root={tmp_path / 'nowhere'}", "data.num_classes=2")
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "train/ and val/" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_full_error_env_shows_the_trace(run_cli, tmp_path):
+    env_before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        result = subprocess.run(
+            [*_vit_train_command(), "data=imagefolder", f"data.root={tmp_path}/x", "data.num_classes=2"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        if env_before is None:
+            os.environ.pop("HYDRA_FULL_ERROR")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_corrupt_checkpoint_given_to_resume_is_reported(run_cli, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    result = run_cli(*TINY, f"trainer.resume={bad}")
+    assert result.returncode == 2
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_names_the_differences(run_cli, tmp_path):
+    assert run_cli(*TINY, "trainer.epochs=1", "hydra.run.dir=first").returncode == 0
+    result = run_cli(
+        *TINY,
+        "model.depth=3",
+        f"trainer.resume={tmp_path / 'first' / 'last.pt'}",
+        "hydra.run.dir=second",
+    )
+    assert result.returncode == 2
+    assert "model.depth: checkpoint 2, now 3" in result.stderr
+    assert load_checkpoint(tmp_path / "first" / "last.pt")["state"]["epoch"] == 1  # untouched
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(run_cli, tmp_path):
+    args = [*TINY, "trainer.epochs=6", "model.depth=3"]
+    assert run_cli(*args, "hydra.run.dir=full").returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [*_vit_train_command(), *args, f"hydra.run.dir={interrupted}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while not (interrupted / "last.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted" in stderr and "trainer.resume=" in stderr
+    stopped_at = load_checkpoint(interrupted / "last.pt")["state"]["epoch"]
+    assert 1 <= stopped_at < 6
+
+    resumed = run_cli(*args, f"trainer.resume={interrupted / 'last.pt'}", "hydra.run.dir=resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    full, again = (
+        final_weights(tmp_path / "full" / "last.pt"),
+        final_weights(tmp_path / "resumed" / "last.pt"),
+    )
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], rtol=0, atol=0)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["step"] == 6 * (1437 // 32)
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_combination_in_its_own_directory(run_cli, tmp_path):
+    result = run_cli("-m", *TINY, "trainer.epochs=1", "optimizer.lr=1e-3,3e-3", "model.depth=1,2")
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        ckpt = load_checkpoint(job / "last.pt")
+        seen.add((ckpt["config"]["optimizer"]["lr"], ckpt["config"]["model"]["depth"]))
+        assert list(job.glob("events.out.tfevents.*"))
+        assert (job / "train.log").is_file()
+    assert seen == {(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)}

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import TINY
+from vit_cli.checkpoint import load_checkpoint
+from vit_cli.data import build_data
+from vit_cli.errors import UserError
+from vit_cli.losses import TrainingLoss
+from vit_cli.models.vit import VisionTransformer
+from vit_cli.precision import resolve_precision
+from vit_cli.run_log import RunLogger
+from vit_cli.trainer import TrainState, accuracy_counts, evaluate, fit, train_one_epoch
+
+
+def test_accuracy_counts_top1_and_top5():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    targets = torch.tensor([1, 2, 0])
+    assert accuracy_counts(logits, targets, (1, 2, 5)) == [1, 1, 3]
+
+
+def test_fit_writes_checkpoints_and_tensorboard_scalars(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "trainer.log_every_n_steps=5")
+    result = fit(cfg, tmp_path)
+    assert result.best_acc1 > 20.0  # chance is 10% on 10 classes
+    assert result.final_metrics["val/acc5"] >= result.final_metrics["val/acc1"]
+    last = load_checkpoint(tmp_path / "last.pt")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert last["state"]["epoch"] == 2 and last["state"]["step"] == 2 * (1437 // 32)
+    assert best["metrics"]["val/acc1"] == pytest.approx(result.best_acc1)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "data"} <= set(last)
+    assert last["config"]["model"]["depth"] == 2
+    assert last["data"]["class_names"] == [str(d) for d in range(10)]
+    events = EventAccumulator(str(tmp_path)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc1",
+        "val/acc5",
+        "lr",
+        "throughput",
+        "grad_norm",
+    } <= tags
+    logged = [e.value for e in events.Scalars("val/acc1")]
+    assert len(logged) == 2
+    assert max(logged) == pytest.approx(best["metrics"]["val/acc1"])
+    assert logged[-1] == pytest.approx(last["metrics"]["val/acc1"])
+    assert "hparam/best_acc1" in tags
+
+
+def test_max_steps_stops_mid_epoch(compose_cfg, tmp_path):
+    fit(compose_cfg(*TINY, "trainer.max_steps=5"), tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")["state"]
+    assert (state["step"], state["epoch"]) == (5, 0)
+
+
+def test_non_finite_loss_stops_training_after_max_bad_steps(compose_cfg):
+    cfg = compose_cfg(*TINY, "trainer.max_bad_steps=3")
+    model = VisionTransformer(
+        img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2
+    )
+    with torch.no_grad():
+        model.head.bias.fill_(math.nan)
+    data = build_data(cfg.data, 8, torch.Generator())
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    state = TrainState()
+    with pytest.raises(UserError, match="for 3 consecutive steps"):
+        train_one_epoch(
+            model, data.train_loader, optimizer, scheduler, precision.grad_scaler(), precision,
+            TrainingLoss(torch.nn.CrossEntropyLoss()), torch.device("cpu"), state, cfg, RunLogger(None, enabled=False),
+        )  # fmt: skip
+    assert state.step == 0
+    # No update was applied from a non-finite loss.
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b) or torch.isnan(a).any()
+
+
+def test_evaluate_is_deterministic_and_in_percent(compose_cfg):
+    cfg = compose_cfg()
+    data = build_data(cfg.data, 8, torch.Generator())
+    model = VisionTransformer(
+        img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2
+    )
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    a = evaluate(model, data.val_loader, precision, torch.device("cpu"))
+    b = evaluate(model, data.val_loader, precision, torch.device("cpu"))
+    assert a == b
+    assert 0.0 <= a["acc1"] <= a["acc5"] <= 100.0
+    assert not model.training

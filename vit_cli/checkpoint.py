@@ -1,0 +1,134 @@
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`) and compatibility checks."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vit_cli.errors import UserError
+
+FORMAT_VERSION = 1
+# Prefixes added by DistributedDataParallel and torch.compile wrappers.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def strip(key: str) -> str:
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        return key
+
+    return {strip(k): v for k, v in state_dict.items()}
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` atomically: a crash mid-write leaves the old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by vit-train without unpickling arbitrary objects."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"Checkpoint {path} does not exist. Pass the path of a .pt file written by vit-train."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(
+            f"Checkpoint {path} is corrupt or not a vit-train checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). Use another checkpoint, e.g. best.pt or last.pt."
+        ) from e
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(
+            f"Checkpoint {path} was not written by vit-train (no model/config entries)."
+        )
+    return state
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly, with an error that lists the keys and shapes that differ."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    expected = unwrap_model(model).state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", mismatched),
+        ):
+            if items:
+                shown = ", ".join(items[:5]) + (
+                    f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                )
+                parts.append(f"{label}: {shown}")
+        raise UserError(
+            f"Checkpoint {source} does not fit the configured model; "
+            + "; ".join(parts)
+            + ". Use the model/data settings the checkpoint was trained with."
+        )
+    unwrap_model(model).load_state_dict(state_dict)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from, in types that `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
