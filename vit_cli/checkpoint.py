@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,8 +48,29 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return {strip(k): v for k, v in state_dict.items()}
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C until the block ends: torch's writer turns it into a RuntimeError."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` atomically: a crash mid-write leaves the old file intact."""
+    with _sigint_deferred():
+        _write_atomically(state, path)
+
+
+def _write_atomically(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
