@@ -42,12 +42,13 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit_cli.config import SwinConfig, TrainConfig, ViTConfig, register_configs
+from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, register_configs
 from vit_cli.errors import UserError
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import Precision, resolve_precision
+from vit_cli.trainer import merged_logits, resolve_device
 
 # timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
 # (embed_dim, depths, num_heads) for Swin.
@@ -68,9 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for vit-train")
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="default: config's device"
-    )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model and phase")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per model and phase")
     parser.add_argument("--steps-per-window", type=int, default=5)
@@ -92,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_intermixed_args(argv)
-    if min(args.warmup + 1, args.windows, args.steps_per_window) < 1:
+    if args.warmup < 0 or args.windows < 1 or args.steps_per_window < 1:
         parser.error("--windows and --steps-per-window must be positive, --warmup not negative")
     return args
 
@@ -103,14 +102,6 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return OmegaConf.to_object(cfg)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device.")
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -177,12 +168,19 @@ def timm_peer_name(cfg: ViTConfig | SwinConfig) -> str | None:
     """The timm model with the same architecture as `cfg`, when there is an obvious one."""
     if cfg.mlp_ratio != 4.0 or not cfg.qkv_bias:
         return None
-    if isinstance(cfg, ViTConfig):
+    if isinstance(cfg, ViTConfig):  # DeiTConfig is a ViTConfig too
         size = TIMM_VIT_SIZES.get((cfg.embed_dim, cfg.depth, cfg.num_heads))
-        return size and f"vit_{size}_patch{cfg.patch_size}_224"
+        if size is None:
+            return None
+        if isinstance(cfg, DeiTConfig):
+            distilled = "_distilled" if cfg.distilled else ""
+            return f"deit_{size}{distilled}_patch{cfg.patch_size}_224"
+        return f"vit_{size}_patch{cfg.patch_size}_224"
     if isinstance(cfg, SwinConfig):
         size = TIMM_SWIN_SIZES.get((cfg.embed_dim, tuple(cfg.depths), tuple(cfg.num_heads)))
-        return size and f"swin_{size}_patch{cfg.patch_size}_window{cfg.window_size}_224"
+        if size is None:
+            return None
+        return f"swin_{size}_patch{cfg.patch_size}_window{cfg.window_size}_224"
     return None
 
 
@@ -245,7 +243,7 @@ def make_train_step(
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(merged_logits(model(images)), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -441,7 +439,10 @@ def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None
         f"{meta['windows']} windows x {meta['steps_per_window']} steps "
         f"after {meta['warmup']} warm-up steps"
     )
-    table = Table(caption="vs timm: ratio of medians (median of paired ratios)")
+    has_peer = any("vs_timm" in entry for entry in summary.values())
+    table = Table(
+        caption="vs timm: ratio of medians (median of paired ratios)" if has_peer else None
+    )
     for column in (
         "model",
         "params",
@@ -602,7 +603,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Wide enough for the table when the output goes to a file or a pipe.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         results = run(args, console)
     except (UserError, HydraException, OmegaConfBaseException) as e:
