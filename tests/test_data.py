@@ -1,14 +1,34 @@
+"""Every dataset loads from data made here: digits, fake, image folders and CIFAR archives."""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import datasets
 
-from vit_cli.config import DataConfig
+from vit_cli.config import AugmentConfig, DataConfig
 from vit_cli.data import build_data
 from vit_cli.errors import UserError
 
 
 def digits(**kw) -> DataConfig:
     return DataConfig(name="digits", **kw)
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*loader, strict=True)
+    return torch.cat(images), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- digits, fake
 
 
 def test_digits_split_is_fixed_stratified_80_20():
@@ -21,10 +41,21 @@ def test_digits_split_is_fixed_stratified_80_20():
     # Stratified: every class holds ~20% of its images in val.
     counts = torch.bincount(val.tensors[1], minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37
+    # The first val labels of the split with random_state=0, as before this loader existed.
+    assert val.tensors[1][:10].tolist() == [7, 6, 3, 7, 7, 3, 2, 8, 9, 3]
     assert a.class_names == [str(d) for d in range(10)]
     images, labels = next(iter(a.train_loader))
     assert images.shape == (64, 1, 8, 8) and images.dtype == torch.float32
     assert labels.shape == (64,)
+
+
+def test_digits_val_batches_are_the_normalised_pixels():
+    data = build_data(digits(mean=[0.3], std=[0.4]), 8, torch.Generator())
+    images, labels = all_batches(data.val_loader)
+    stored, stored_labels = data.val_loader.dataset.tensors
+    torch.testing.assert_close(images, (stored - 0.3) / 0.4)
+    assert torch.equal(labels, stored_labels)
+    assert stored.min() >= 0.0 and stored.max() <= 1.0
 
 
 def test_digits_resize_to_the_model_resolution():
@@ -34,25 +65,26 @@ def test_digits_resize_to_the_model_resolution():
     assert data.img_size == 32
 
 
-def test_random_shift_moves_pixels_without_changing_shape():
-    torch.manual_seed(0)
-    data = build_data(digits(shift=1), 8, torch.Generator())
-    train = data.train_loader.dataset
-    originals = train.images[:50]
-    shifted = torch.stack([train[i][0] for i in range(50)])
-    assert shifted.shape == originals.shape
-    assert not torch.equal(shifted, originals)
-    train.shift = 0
-    assert torch.equal(train[0][0], train.images[0])
-
-
-def test_fixed_generator_seed_fixes_the_batch_order():
+def test_fixed_generator_seed_fixes_the_batch_order_and_augmentation():
     gen = torch.Generator()
-    data = build_data(digits(), 8, gen)
+    data = build_data(digits(shift=1), 8, gen)
     gen.manual_seed(5)
-    first = next(iter(data.train_loader))[1]
+    torch.manual_seed(0)
+    first = next(iter(data.train_loader))
     gen.manual_seed(5)
-    assert torch.equal(next(iter(data.train_loader))[1], first)
+    torch.manual_seed(0)
+    again = next(iter(data.train_loader))
+    assert torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+
+
+def test_repeated_augmentation_keeps_the_epoch_length():
+    cfg = digits(batch_size=30, shift=1, augment=AugmentConfig(repeats=3))
+    data = build_data(cfg, 8, torch.Generator().manual_seed(0))
+    images, labels = all_batches(data.train_loader)
+    assert len(data.train_loader) == 1437 // 30
+    # Copies sit in a row and are shifted independently.
+    assert torch.equal(labels[0::3], labels[1::3])
+    assert not torch.equal(images[0::3], images[1::3])
 
 
 def test_fake_data_has_the_requested_shape_and_classes():
@@ -73,7 +105,15 @@ def test_fake_data_has_the_requested_shape_and_classes():
     assert len(data.val_loader.dataset) == 8
 
 
-def write_pngs(root, split, classes, n=3, size=20):
+def test_num_classes_must_match_the_dataset():
+    with pytest.raises(UserError, match="data.num_classes=3 but data=digits has 10"):
+        build_data(digits(num_classes=3), 8, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def write_pngs(root: Path, split: str, classes: list[str], n: int = 3, size: int = 20) -> None:
     for c in classes:
         (root / split / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -82,52 +122,253 @@ def write_pngs(root, split, classes, n=3, size=20):
             )
 
 
+def corrupt_png(path: Path) -> None:
+    """A PNG cut off halfway: the header parses, decoding fails."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), color=(9, 9, 9)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def folder_cfg(root: Path, **kw) -> DataConfig:
+    kw = {"in_chans": 3, "num_classes": 2, "mean": [0.5] * 3, "std": [0.5] * 3, **kw}
+    return DataConfig(name="imagefolder", root=str(root), **kw)
+
+
 def test_imagefolder_loads_train_and_val_folders(tmp_path):
     write_pngs(tmp_path, "train", ["cat", "dog"])
     write_pngs(tmp_path, "val", ["cat", "dog"], n=2)
-    cfg = DataConfig(
-        name="imagefolder",
-        root=str(tmp_path),
-        in_chans=3,
-        num_classes=2,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
-        batch_size=2,
-    )
-    data = build_data(cfg, 16, torch.Generator())
+    data = build_data(folder_cfg(tmp_path, batch_size=2), 16, torch.Generator())
     assert data.class_names == ["cat", "dog"]
-    images, _ = next(iter(data.val_loader))
-    assert images.shape == (2, 3, 16, 16)
+    images, labels = all_batches(data.val_loader)
+    assert images.shape == (4, 3, 16, 16)
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_imagefolder_train_crops_flips_and_erases_at_the_model_size(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog"], size=40)
+    write_pngs(tmp_path, "val", ["cat", "dog"])
+    augment = AugmentConfig(
+        crop_scale=[0.08, 1.0], hflip=0.5, auto_augment="randaugment", erase_prob=0.5
+    )
+    data = build_data(folder_cfg(tmp_path, batch_size=3, augment=augment), 16, torch.Generator())
+    images, _ = next(iter(data.train_loader))
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+
+
+def test_unreadable_images_are_skipped_counted_and_warned_about_once(tmp_path, caplog):
+    write_pngs(tmp_path, "train", ["cat", "dog"])
+    write_pngs(tmp_path, "val", ["cat", "dog"])
+    corrupt_png(tmp_path / "train" / "cat" / "truncated.png")
+    (tmp_path / "train" / "dog" / "garbage.jpg").write_bytes(b"not an image at all")
+    data = build_data(folder_cfg(tmp_path, batch_size=4), 16, torch.Generator())
+    with caplog.at_level(logging.WARNING, logger="vit_cli.data"):
+        _, labels = all_batches(data.train_loader)
+        _, labels_again = all_batches(data.train_loader)
+    assert len(labels) == len(labels_again) == 6  # 8 files, 2 unreadable
+    assert data.skipped.take() == 4  # two passes
+    assert data.skipped.take() == 0
+    warnings = [r for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_unreadable_images_are_counted_across_loader_workers(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog"], n=4)
+    write_pngs(tmp_path, "val", ["cat", "dog"])
+    for i in range(4):
+        corrupt_png(tmp_path / "train" / "cat" / f"bad{i}.png")
+    cfg = folder_cfg(tmp_path, batch_size=2, num_workers=2)
+    data = build_data(cfg, 16, torch.Generator())
+    _, labels = all_batches(data.train_loader)  # 6 batches of 2 files, over 2 processes
+    assert len(labels) == 8
+    assert data.skipped.take() == 4
+
+
+def test_a_batch_of_only_unreadable_images_is_empty_not_an_error(tmp_path):
+    write_pngs(tmp_path, "train", ["cat"], n=1)
+    write_pngs(tmp_path, "val", ["cat"], n=1)
+    corrupt_png(tmp_path / "val" / "cat" / "0.png")
+    data = build_data(folder_cfg(tmp_path, num_classes=1, batch_size=4), 16, torch.Generator())
+    images, labels = next(iter(data.val_loader))
+    assert images.shape == (0, 3, 16, 16) and labels.shape == (0,)
+
+
+def test_single_folder_is_split_per_class_with_a_fixed_seed(tmp_path):
+    write_pngs(tmp_path, ".", ["cat", "dog", "eel"], n=10)
+
+    def split(seed: int) -> tuple[set, set]:
+        cfg = folder_cfg(tmp_path, num_classes=3, val_fraction=0.2, split_seed=seed)
+        data = build_data(cfg, 16, torch.Generator())
+        train = {p for p, _ in data.train_loader.dataset.samples}
+        val = data.val_loader.dataset.samples
+        assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]  # 20% of each class
+        return train, {p for p, _ in val}
+
+    train, val = split(0)
+    assert len(train) == 24 and not train & val
+    assert split(0) == (train, val)
+    assert split(1)[1] != val
 
 
 def test_missing_root_says_what_to_do(tmp_path):
-    cfg = DataConfig(
-        name="imagefolder",
-        root=str(tmp_path / "nowhere"),
-        in_chans=3,
-        num_classes=2,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
-    )
-    with pytest.raises(UserError, match="does not exist.*train/ and val/"):
-        build_data(cfg, 16, torch.Generator())
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match="does not exist.*train/ and val/.*val_fraction"):
+        build_data(folder_cfg(tmp_path), 16, torch.Generator())
+    with pytest.raises(UserError, match="nowhere does not exist. Point data.root"):
+        build_data(folder_cfg(tmp_path / "nowhere"), 16, torch.Generator())
 
 
-def test_val_classes_must_match_train(tmp_path):
+def test_val_classes_that_train_lacks_are_an_error(tmp_path):
     write_pngs(tmp_path, "train", ["cat", "dog"])
     write_pngs(tmp_path, "val", ["cat", "eel"])
-    cfg = DataConfig(
-        name="imagefolder",
-        root=str(tmp_path),
+    with pytest.raises(UserError, match="val has classes that train lacks: eel"):
+        build_data(folder_cfg(tmp_path), 16, torch.Generator())
+
+
+def test_val_may_lack_a_train_class_and_keeps_train_labels(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog"])
+    write_pngs(tmp_path, "val", ["dog"])
+    data = build_data(folder_cfg(tmp_path), 16, torch.Generator())
+    assert [label for _, label in data.val_loader.dataset.samples] == [1, 1, 1]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog"])
+    write_pngs(tmp_path, "val", ["cat", "dog"])
+    (tmp_path / "train" / "emu").mkdir()
+    with pytest.raises(UserError, match=r"train/emu holds no images"):
+        build_data(folder_cfg(tmp_path), 16, torch.Generator())
+
+
+def test_val_fraction_with_train_and_val_folders_is_an_error(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog"])
+    write_pngs(tmp_path, "val", ["cat", "dog"])
+    with pytest.raises(UserError, match="set data.val_fraction=0"):
+        build_data(folder_cfg(tmp_path, val_fraction=0.1), 16, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+class _Py2Str(str):
+    """A key pickled as a Python 2 byte string, as in the official CIFAR batches."""
+
+
+class _Py2Pickler(pickle._Pickler):
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: _Py2Str) -> None:
+        data = obj.encode("latin1")
+        self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        self.memoize(obj)
+
+    dispatch[_Py2Str] = save_py2_str
+
+
+def cifar_batch(images: np.ndarray, labels: list[int], label_key: str) -> bytes:
+    """A batch file: {b"data": uint8 (N, 3072) rows of R, G, B planes, b"labels": [...]}."""
+    buffer = io.BytesIO()
+    entry = {_Py2Str("data"): images.reshape(len(images), 3072), _Py2Str(label_key): labels}
+    _Py2Pickler(buffer, protocol=2).dump(entry)
+    return buffer.getvalue()
+
+
+def write_cifar_archive(root: Path, name: str = "cifar10", per_batch: int = 6) -> np.ndarray:
+    """A small archive in the official layout; returns the test images (N, 3, 32, 32)."""
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    classes = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    rng = np.random.default_rng(0)
+    files = {}
+    for file_name, _ in cls.train_list + cls.test_list:
+        images = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+        labels = [int(i % classes) for i in range(per_batch)]
+        files[file_name] = (images, cifar_batch(images, labels, label_key))
+    meta = {_Py2Str(cls.meta["key"]): [_Py2Str(f"class{i}") for i in range(classes)]}
+    meta_buffer = io.BytesIO()
+    _Py2Pickler(meta_buffer, protocol=2).dump(meta)
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / cls.filename, "w:gz") as tar:
+        contents = {name: data for name, (_, data) in files.items()}
+        contents[cls.meta["filename"]] = meta_buffer.getvalue()
+        for file_name, data in contents.items():
+            info = tarfile.TarInfo(f"{cls.base_folder}/{file_name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return files[cls.test_list[0][0]][0]
+
+
+def cifar_cfg(root: Path, name: str = "cifar10", **kw) -> DataConfig:
+    return DataConfig(
+        name=name,
+        root=str(root),
         in_chans=3,
-        num_classes=2,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
+        num_classes=10 if name == "cifar10" else 100,
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        batch_size=4,
+        **kw,
     )
-    with pytest.raises(UserError, match="val classes"):
-        build_data(cfg, 16, torch.Generator())
 
 
-def test_num_classes_must_match_the_dataset():
-    with pytest.raises(UserError, match="data.num_classes=3 but data=digits has 10"):
-        build_data(digits(num_classes=3), 8, torch.Generator())
+def test_test_archive_batches_unpickle_like_the_official_ones(tmp_path):
+    write_cifar_archive(tmp_path)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        raw = tar.extractfile("cifar-10-batches-py/data_batch_1").read()
+    entry = pickle.loads(raw, encoding="bytes")
+    assert set(entry) == {b"data", b"labels"}
+    assert entry[b"data"].dtype == np.uint8 and entry[b"data"].shape == (6, 3072)
+
+
+def test_cifar10_loads_from_an_archive_whose_md5_is_not_the_official(tmp_path, caplog):
+    test_images = write_cifar_archive(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vit_cli.data"):
+        data = build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    assert "not the official archive" in caplog.text
+    assert len(data.train_loader.dataset) == 30 and len(data.val_loader.dataset) == 6
+    assert data.class_names == [f"class{i}" for i in range(10)]
+    images, labels = all_batches(data.val_loader)
+    # mean 0, std 1: the batches are the stored pixels in [0, 1], channels first.
+    torch.testing.assert_close(images, torch.from_numpy(test_images).float() / 255)
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5]
+    # The second time, the extracted folder is read directly.
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    assert len(build_data(cifar_cfg(tmp_path), 32, torch.Generator()).val_loader.dataset) == 6
+
+
+def test_cifar100_loads_fine_labels_and_resizes_to_the_model(tmp_path):
+    write_cifar_archive(tmp_path, "cifar100", per_batch=5)
+    cfg = cifar_cfg(tmp_path, "cifar100", shift=4, augment=AugmentConfig(hflip=0.5))
+    data = build_data(cfg, 48, torch.Generator())
+    assert len(data.train_loader.dataset) == 5 and len(data.class_names) == 100
+    images, _ = next(iter(data.train_loader))
+    assert images.shape == (4, 3, 48, 48)
+
+
+def test_cifar_without_archive_and_download_says_where_to_put_it(tmp_path):
+    with pytest.raises(UserError) as info:
+        build_data(cifar_cfg(tmp_path, download=False), 32, torch.Generator())
+    message = str(info.value)
+    assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
+    assert "data.download=true" in message
+
+
+def test_cifar_download_failure_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    # All traffic goes through a proxy on a closed local port: refused at once, and nothing
+    # leaves the machine.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UserError, match="could not download") as info:
+        build_data(cifar_cfg(tmp_path, download=True), 32, torch.Generator())
+    assert f"put cifar-10-python.tar.gz in {tmp_path}" in str(info.value)
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+
+
+def test_cifar_folder_missing_a_batch_is_reported(tmp_path):
+    write_cifar_archive(tmp_path)
+    build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(UserError, match="lacks data_batch_3. Delete the folder"):
+        build_data(cifar_cfg(tmp_path), 32, torch.Generator())

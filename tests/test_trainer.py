@@ -94,3 +94,20 @@ def test_evaluate_is_deterministic_and_in_percent(compose_cfg):
     assert a == b
     assert 0.0 <= a["acc1"] <= a["acc5"] <= 100.0
     assert not model.training
+
+
+def test_a_step_skipped_for_nan_does_not_repeat_the_epoch(compose_cfg, tmp_path, monkeypatch):
+    calls = []
+    real_loss = TrainingLoss.__call__
+
+    def nan_on_third_batch(self, images, outputs, targets):
+        loss, parts = real_loss(self, images, outputs, targets)
+        calls.append(len(targets))
+        return (loss * math.nan if len(calls) == 3 else loss), parts
+
+    monkeypatch.setattr(TrainingLoss, "__call__", nan_on_third_batch)
+    fit(compose_cfg(*TINY), tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")["state"]
+    batches = 1437 // 32
+    assert len(calls) == 2 * batches  # every batch of both epochs once, none twice
+    assert (state["epoch"], state["step"], state["epoch_batches"]) == (2, 2 * batches - 1, 0)

@@ -107,7 +107,7 @@ class DataConfig:
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
     # Training-time random translation by up to this many pixels, zero padded (pad and
-    # crop), for the in-memory data: digits, cifar10, cifar100 (0 turns it off).
+    # crop): the usual augmentation of small images such as digits and CIFAR (0: off).
     shift: int = 0
     # Sizes of the synthetic splits of data=fake.
     train_size: int = 1024

@@ -11,6 +11,20 @@ from vit_cli.errors import UserError
 DISTILL_TYPES = ("none", "soft", "hard")
 
 
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against target distributions (B, K), averaged over the batch.
+
+    For Mixup/CutMix: the targets are already label-smoothed and mixed (`MixupCutmix`), so
+    no smoothing happens here.
+    """
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_target_cross_entropy(logits, targets)
+
+
 def soft_distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
 ) -> torch.Tensor:
@@ -45,6 +59,10 @@ class TrainingLoss:
     mixes `(1 - alpha) * base(class head, labels) + alpha * distillation(dist head)`, where
     the distillation target is the teacher's output on the same augmented batch. With no
     teacher, the distillation head is trained on the labels too (this is not distillation).
+
+    With Mixup/CutMix, `targets` are the mixed soft targets (B, K) and `base` a
+    SoftTargetCrossEntropy; the teacher sees the mixed images and hard distillation still
+    uses its argmax, as in DeiT's training code.
     """
 
     def __init__(

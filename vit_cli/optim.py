@@ -39,8 +39,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
-        # The fused kernel updates all parameters in one launch; CUDA only.
-        fused = all(p.is_cuda for p in model.parameters())
+        # One fused kernel for all parameters, instead of a dozen small ops per parameter
+        # tensor: torch has it for CPU and CUDA, and on this CPU it made vit_tiny's AdamW
+        # step 2x faster (README: Results).
+        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
         return torch.optim.AdamW(
             groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
         )

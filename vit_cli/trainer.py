@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vit_cli.augment import MixupCutmix
 from vit_cli.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
@@ -28,8 +28,10 @@ from vit_cli.checkpoint import (
 )
 from vit_cli.config import TrainConfig, validate
 from vit_cli.data import build_data
+from vit_cli.ema import ModelEma
 from vit_cli.errors import UserError
-from vit_cli.losses import TrainingLoss
+from vit_cli.evaluation import accuracy_counts, evaluate, merged_logits  # noqa: F401 (re-export)
+from vit_cli.losses import SoftTargetCrossEntropy, TrainingLoss
 from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer, build_scheduler
 from vit_cli.precision import Precision, resolve_precision
@@ -47,7 +49,11 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     best_acc1: float = 0.0
     best_epoch: int = 0
+    best_ema_acc1: float = 0.0  # best val top-1 of the weight average (trainer.ema)
     bad_steps: int = 0  # consecutive steps with a non-finite loss
+    # Loader batches of the current epoch already consumed, trained on or not (a NaN loss,
+    # a batch of unreadable files): a resumed epoch skips exactly these.
+    epoch_batches: int = 0
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for non-finite gradients
 
 
@@ -83,56 +89,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
-    """How many targets fall in the top-k predictions, for each k."""
-    maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
-    hits = top == targets.unsqueeze(1)  # (B, maxk)
-    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
-
-
-def merged_logits(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """A two-headed (DeiT) output predicts with the average of its heads, as at test time."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    cls_logits, dist_logits = outputs
-    return (cls_logits + dist_logits) / 2
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DataLoader, precision: Precision, device: torch.device
-) -> dict[str, float]:
-    """Val loss (plain cross-entropy), top-1 and top-5 accuracy in percent.
-
-    For a DeiT student, `acc1` is that of the averaged heads (its prediction), and
-    `acc1_cls` and `acc1_dist` are those of each head alone.
-    """
-    model.eval()
-    forward_heads = getattr(unwrap_model(model), "forward_heads", None)
-    total_loss, count = 0.0, 0
-    hits = {"acc1": 0, "acc5": 0, "acc1_cls": 0, "acc1_dist": 0}
-    for images, targets in loader:
-        images, targets = (
-            images.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True),
-        )
-        with precision.autocast():
-            outputs = forward_heads(images) if forward_heads else model(images)
-        logits = merged_logits(outputs).float()
-        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
-        c1, c5 = accuracy_counts(logits, targets, (1, 5))
-        hits["acc1"] += c1
-        hits["acc5"] += c5
-        if forward_heads:
-            hits["acc1_cls"] += accuracy_counts(outputs[0], targets, (1,))[0]
-            hits["acc1_dist"] += accuracy_counts(outputs[1], targets, (1,))[0]
-        count += len(targets)
-    if not forward_heads:
-        del hits["acc1_cls"], hits["acc1_dist"]
-    return {"loss": total_loss / count, **{k: 100.0 * v / count for k, v in hits.items()}}
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -146,11 +102,14 @@ def train_one_epoch(
     cfg: TrainConfig,
     logger: RunLogger,
     skip_batches: int = 0,
+    mixer: MixupCutmix | None = None,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (less `skip_batches` already done), updating `state` per step.
 
     Each optimizer step accumulates gradients over `trainer.accumulate` micro-batches; a
-    trailing group too small for a full step is dropped, like a partial batch.
+    trailing group too small for a full step is dropped, like a partial batch. `mixer`
+    turns each batch into mixed images and soft targets; `ema` is updated after each step.
     """
     model.train()
     accumulate = cfg.trainer.accumulate
@@ -167,8 +126,13 @@ def train_one_epoch(
         for images, targets in batches:
             if max_steps is not None and state.step >= max_steps:
                 break
+            state.epoch_batches += 1
+            if len(targets) == 0:
+                continue  # every file of the batch was unreadable (counted by the data)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            if mixer is not None:
+                images, targets = mixer(images, targets)  # targets: (B, K) distributions
             with precision.autocast():
                 outputs = model(images)
                 loss, parts = loss_fn(images, outputs, targets)
@@ -186,7 +150,8 @@ def train_one_epoch(
 
             batch = len(targets)
             loss_sum += loss_value * batch
-            correct += int((merged_logits(outputs).argmax(dim=1) == targets).sum())
+            labels = targets.argmax(dim=1) if targets.ndim == 2 else targets  # mixed: dominant
+            correct += int((merged_logits(outputs).argmax(dim=1) == labels).sum())
             seen += batch
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + float(value) * batch
@@ -207,6 +172,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
+            if ema is not None:
+                ema.update(model)
 
             lr = optimizer.param_groups[0]["lr"]
             extra = "  ".join(
@@ -277,6 +244,7 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    ema: ModelEma | None = None,
 ) -> TrainState:
     """Load a checkpoint for resuming, after checking it was trained with the same setup."""
     ckpt = load_checkpoint(path)
@@ -299,6 +267,11 @@ def _restore(
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"], source=path)
+    elif ema is not None:
+        log.warning("%s holds no weight average: trainer.ema starts from its weights", path)
+        ema.module.load_state_dict(unwrap_model(model).state_dict())
     set_rng_state(ckpt["rng"])
     return TrainState(**ckpt["state"])
 
@@ -312,8 +285,9 @@ def _checkpoint(
     metrics: dict[str, float],
     cfg_dict: dict,
     data_info: dict,
+    ema: ModelEma | None = None,
 ) -> dict:
-    return {
+    ckpt = {
         "format_version": FORMAT_VERSION,
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -325,6 +299,9 @@ def _checkpoint(
         "config": cfg_dict,
         "data": data_info,
     }
+    if ema is not None:
+        ckpt["ema"] = ema.state_dict()
+    return ckpt
 
 
 def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
@@ -367,17 +344,30 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
                 "Use model=deit (model.distilled=true) as the student."
             )
         teacher = teacher.to(device)
+    aug = cfg.data.augment
+    mixer = None
+    if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
+        # The mixer smooths the labels before mixing them, so the loss must not smooth again.
+        mixer = MixupCutmix(
+            data.num_classes, aug.mixup_alpha, aug.cutmix_alpha, aug.mix_prob,
+            aug.mix_switch_prob, cfg.trainer.label_smoothing,
+        )  # fmt: skip
     loss_fn = TrainingLoss(
-        nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
+        SoftTargetCrossEntropy()
+        if mixer
+        else nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
         teacher,
         cfg.distill.type,
         cfg.distill.alpha,
         cfg.distill.tau,
     )
 
+    ema = None
+    if cfg.trainer.ema.decay is not None:
+        ema = ModelEma(model, cfg.trainer.ema.decay, cfg.trainer.ema.warmup)
     state = TrainState()
     if cfg.trainer.resume:
-        state = _restore(cfg.trainer.resume, cfg_dict, model, optimizer, scheduler, scaler)
+        state = _restore(cfg.trainer.resume, cfg_dict, model, optimizer, scheduler, scaler, ema)
         log.info(
             "resumed from %s at epoch %d, step %d", cfg.trainer.resume, state.epoch, state.step
         )
@@ -425,15 +415,24 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
         ):
             # A per-epoch seed fixes the data order, so a resumed run sees the same batches.
             generator.manual_seed(cfg.seed + state.epoch)
-            skip = (state.step - state.epoch * steps_per_epoch) * accumulate
+            skip = state.epoch_batches
             train = train_one_epoch(
                 train_model, data.train_loader, optimizer, scheduler, scaler, precision, loss_fn,
-                device, state, cfg, logger, skip_batches=skip,
+                device, state, cfg, logger, skip_batches=skip, mixer=mixer, ema=ema,
             )  # fmt: skip
             val = evaluate(train_model, data.val_loader, precision, device)
-            if state.step == (state.epoch + 1) * steps_per_epoch:
-                state.epoch += 1
+            if state.epoch_batches == len(data.train_loader):
+                state.epoch, state.epoch_batches = state.epoch + 1, 0
             metrics = {f"val/{k}": v for k, v in val.items()}
+            if ema is not None:
+                val_ema = evaluate(ema.module, data.val_loader, precision, device)
+                metrics.update({f"val_ema/{k}": v for k, v in val_ema.items()})
+                state.best_ema_acc1 = max(state.best_ema_acc1, val_ema["acc1"])
+            if data.skipped is not None:
+                skipped = data.skipped.take()
+                metrics["data/skipped_images"] = skipped
+                if skipped:
+                    log.warning("epoch %d: skipped %d unreadable images", state.epoch, skipped)
             metrics.update(
                 {f"train/{k}": v for k, v in train.items() if k not in ("loss", "throughput")}
             )
@@ -453,9 +452,12 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
                 state.epoch, cfg.trainer.epochs, state.step, train["loss"], train["acc"],
                 val["loss"], val["acc1"], heads, val["acc5"], train["throughput"], " (best)" if is_best else "",
             )  # fmt: skip
+            if ema is not None:
+                log.info("epoch %d: ema val loss %.4f acc1 %.2f%% acc5 %.2f%%",
+                         state.epoch, val_ema["loss"], val_ema["acc1"], val_ema["acc5"])  # fmt: skip
             if main:
                 ckpt = _checkpoint(
-                    model, optimizer, scheduler, scaler, state, metrics, cfg_dict, data_info
+                    model, optimizer, scheduler, scaler, state, metrics, cfg_dict, data_info, ema
                 )
                 save_checkpoint(ckpt, run_dir / "last.pt")
                 if is_best:
@@ -466,6 +468,7 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
             {
                 "hparam/best_acc1": state.best_acc1,
                 "hparam/final_acc1": metrics.get("val/acc1", 0.0),
+                **({"hparam/best_ema_acc1": state.best_ema_acc1} if ema else {}),
             },
         )
     finally:
@@ -476,6 +479,14 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
             "data": f"{cfg.data.name} ({img_size}x{img_size}, {data.num_classes} classes)",
             "best val top-1": f"{state.best_acc1:.2f}% (epoch {state.best_epoch})",
             "final val top-1": f"{metrics.get('val/acc1', float('nan')):.2f}%",
+            **(
+                {
+                    "best val top-1 (EMA)": f"{state.best_ema_acc1:.2f}%",
+                    "final val top-1 (EMA)": f"{metrics.get('val_ema/acc1', float('nan')):.2f}%",
+                }
+                if ema
+                else {}
+            ),
             "wall time": f"{wall:.1f} s",
             "output dir": str(run_dir),
         }
@@ -485,12 +496,20 @@ def fit(cfg: TrainConfig, run_dir: Path) -> FitResult:
 
 def _flat_hparams(cfg_dict: dict) -> dict[str, float | int | str | bool]:
     """Config leaves as `section.key` entries in the types the HParams plugin accepts."""
+
+    def leaves(prefix: str, node: dict) -> dict[str, float | int | str | bool]:
+        flat = {}
+        for key, value in node.items():
+            if isinstance(value, dict):  # e.g. data.augment, trainer.ema
+                flat.update(leaves(f"{prefix}{key}.", value))
+            elif isinstance(value, (bool, int, float, str)):
+                flat[f"{prefix}{key}"] = value
+            elif isinstance(value, list):
+                flat[f"{prefix}{key}"] = str(value)
+        return flat
+
     flat = {}
     for section in ("model", "data", "optimizer", "scheduler", "precision", "trainer"):
-        for key, value in cfg_dict[section].items():
-            if isinstance(value, (bool, int, float, str)):
-                flat[f"{section}.{key}"] = value
-            elif isinstance(value, list):
-                flat[f"{section}.{key}"] = str(value)
+        flat.update(leaves(f"{section}.", cfg_dict[section]))
     flat["seed"] = cfg_dict["seed"]
     return flat

@@ -1,0 +1,84 @@
+"""Scoring a model on a loader: the one eval loop that `vit-train` and `vit-eval` share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vit_cli.checkpoint import unwrap_model
+from vit_cli.errors import UserError
+from vit_cli.precision import Precision
+
+# Called with each batch's merged logits (B, K) in fp32 and its targets (B,), on the device.
+BatchObserver = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
+    """How many targets fall in the top-k predictions, for each k."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hits = top == targets.unsqueeze(1)  # (B, maxk)
+    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+def merged_logits(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A two-headed (DeiT) output predicts with the average of its heads, as at test time."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    cls_logits, dist_logits = outputs
+    return (cls_logits + dist_logits) / 2
+
+
+def model_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor | tuple:
+    """Logits for `images`; both heads' for a DeiT student (`forward_heads`), in any mode."""
+    forward_heads = getattr(unwrap_model(model), "forward_heads", None)
+    return forward_heads(images) if forward_heads else model(images)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    precision: Precision,
+    device: torch.device,
+    observe: BatchObserver | None = None,
+) -> dict[str, float]:
+    """Val loss (plain cross-entropy), top-1 and top-5 accuracy in percent.
+
+    For a DeiT student, `acc1` is that of the averaged heads (its prediction), and
+    `acc1_cls` and `acc1_dist` are those of each head alone. `observe`, when given, sees
+    every batch's logits and targets (vit-eval builds its confusion matrix from them).
+    """
+    model.eval()
+    forward_heads = getattr(unwrap_model(model), "forward_heads", None)
+    total_loss, count = 0.0, 0
+    hits = {"acc1": 0, "acc5": 0, "acc1_cls": 0, "acc1_dist": 0}
+    for images, targets in loader:
+        if len(targets) == 0:
+            continue  # every file of the batch was unreadable (counted by the data)
+        images, targets = (
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
+        with precision.autocast():
+            outputs = model_outputs(model, images)
+        logits = merged_logits(outputs).float()
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+        c1, c5 = accuracy_counts(logits, targets, (1, 5))
+        hits["acc1"] += c1
+        hits["acc5"] += c5
+        if forward_heads:
+            hits["acc1_cls"] += accuracy_counts(outputs[0], targets, (1,))[0]
+            hits["acc1_dist"] += accuracy_counts(outputs[1], targets, (1,))[0]
+        if observe is not None:
+            observe(logits, targets)
+        count += len(targets)
+    if count == 0:
+        raise UserError("The val data holds no readable images, so there is nothing to score.")
+    if not forward_heads:
+        del hits["acc1_cls"], hits["acc1_dist"]
+    return {"loss": total_loss / count, **{k: 100.0 * v / count for k, v in hits.items()}}
