@@ -156,3 +156,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# What inference reads from a checkpoint, besides its weights.
+INFERENCE_FIELDS = {
+    "config": ("model", "data", "precision"),
+    "data": ("class_names", "num_classes", "in_chans", "img_size", "mean", "std"),
+}
+
+
+def check_inference_fields(ckpt: dict[str, Any], source: str) -> None:
+    """Raise a UserError naming what an older or foreign checkpoint lacks for inference."""
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"Checkpoint {source} has format version {version}, and this vit-cli reads version "
+            f"{FORMAT_VERSION}. Use a checkpoint written by this version of vit-train."
+        )
+    missing = [
+        f"{section}.{key}"
+        for section, keys in INFERENCE_FIELDS.items()
+        for key in keys
+        if not isinstance(ckpt.get(section), dict) or key not in ckpt[section]
+    ]
+    if missing:
+        raise UserError(
+            f"Checkpoint {source} lacks what inference needs: {', '.join(missing)}. It was "
+            "written by an older vit-train; retrain, or add these entries to it."
+        )

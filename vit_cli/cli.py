@@ -22,26 +22,28 @@ CONFIG_PATH = "pkg://vit_cli.configs"
 
 
 @contextlib.contextmanager
-def reported_errors(run_dir: Path | None = None) -> Iterator[None]:
-    """Print a UserError or Ctrl-C as one panel and exit; HYDRA_FULL_ERROR=1 keeps the trace."""
+def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Iterator[None]:
+    """Print a UserError or Ctrl-C as one panel and exit; HYDRA_FULL_ERROR=1 keeps the trace.
+
+    `run_dir` is a training run's, for the hint on how to resume; `tool` titles the panel.
+    """
     stderr = Console(stderr=True)
     try:
         yield
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        stderr.print(Panel(str(e), title="vit-train: error", border_style="red", expand=False))
+        stderr.print(Panel(str(e), title=f"{tool}: error", border_style="red", expand=False))
         sys.exit(2)
     except KeyboardInterrupt:
         last = run_dir / "last.pt" if run_dir else None
-        hint = (
-            f"Continue with trainer.resume={last}"
-            if last and last.exists()
-            else "No epoch had finished, so no checkpoint was written."
-        )
-        stderr.print(
-            Panel(f"Interrupted. {hint}", title="vit-train", border_style="yellow", expand=False)
-        )
+        if run_dir is None:
+            hint = ""
+        elif last.exists():
+            hint = f" Continue with trainer.resume={last}"
+        else:
+            hint = " No epoch had finished, so no checkpoint was written."
+        stderr.print(Panel(f"Interrupted.{hint}", title=tool, border_style="yellow", expand=False))
         sys.exit(130)
 
 

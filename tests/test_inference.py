@@ -1,0 +1,295 @@
+"""Inference: vit-eval reproduces training's val scores, vit-predict agrees with it, the API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import TINY
+from vit_cli import load_model, predict
+from vit_cli.checkpoint import load_checkpoint, save_checkpoint
+from vit_cli.config import DataConfig
+from vit_cli.data import build_data
+from vit_cli.errors import UserError
+from vit_cli.eval_cli import main as eval_main
+from vit_cli.inference import EvalTransform, expand_inputs
+from vit_cli.trainer import fit
+
+TINY_VIT = [a for a in TINY if a.startswith("model.")]
+FAMILIES = {
+    "vit": TINY_VIT,
+    "deit": ["model=deit", *TINY_VIT],
+    "swin": ["model=swin", "model.embed_dim=16", "model.depths=[1,1]", "model.num_heads=[1,2]"],
+}
+# Training settings of TINY, shortened to a few steps.
+SHORT = [a for a in TINY if not a.startswith("model.")] + [
+    "trainer.epochs=1",
+    "trainer.max_steps=8",
+]
+
+
+def tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    exe = shutil.which(name)
+    assert exe, f"{name} is not installed: pip install -e ."
+    return subprocess.run(
+        [exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
+    """The val images ([0, 1] floats at 16 px, as stored) and labels, in loader order."""
+    data = build_data(DataConfig(mean=[0.3053], std=[0.3760]), 16, torch.Generator())
+    return data.val_loader.dataset.tensors
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """A (1, H, W) image in [0, 1] as an 8-bit grayscale PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (image[0] * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels, mode="L").save(path)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A short vit-train run on digits (the real CLI), long enough for confident predictions."""
+    root = tmp_path_factory.mktemp("digits_run")
+    args = [a for a in TINY if not a.startswith("trainer.epochs")]
+    result = tool("vit-train", *args, "trainer.epochs=6", "hydra.run.dir=run", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_vit_eval_reproduces_the_val_top1_logged_in_tensorboard(digits_run):
+    result = tool("vit-eval", "best.pt", "--out", "eval", cwd=digits_run)
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "per-class" in result.stdout
+    metrics = json.loads((digits_run / "eval" / "metrics.json").read_text())
+    best = load_checkpoint(digits_run / "best.pt")
+    events = EventAccumulator(str(digits_run)).Reload()
+    (logged,) = [e.value for e in events.Scalars("val/acc1") if e.step == best["state"]["step"]]
+    # TensorBoard stores float32: the same figure, to its last bit.
+    assert np.float32(metrics["acc1"]) == np.float32(logged)
+    assert metrics["acc1"] == best["metrics"]["val/acc1"] == metrics["logged_acc1"]
+    assert metrics["loss"] == pytest.approx(best["metrics"]["val/loss"], rel=1e-9)
+    assert metrics["images"] == 360 and sum(c["images"] for c in metrics["per_class"]) == 360
+    confusion = np.array(metrics["confusion_matrix"])
+    assert np.trace(confusion) == round(metrics["acc1"] * 360 / 100)
+    with Image.open(digits_run / "eval" / "confusion.png") as png:
+        assert png.format == "PNG" and png.width >= 10 * 16
+
+
+@pytest.mark.slow
+def test_vit_predict_agrees_with_vit_eval_on_val_digits_written_as_png(digits_run, tmp_path):
+    images, labels = digits_val()
+    chosen = range(0, 360, 6)  # 60 val images, every class
+    for i in chosen:
+        for split in ("train", "val"):  # imagefolder wants both splits; train is not read
+            write_png(images[i], tmp_path / "pngs" / split / str(int(labels[i])) / f"{i:03d}.png")
+    eval_png = tool("vit-eval", str(digits_run / "best.pt"), "data=imagefolder",
+                    f"data.root={tmp_path / 'pngs'}", "--out", "eval_png", cwd=tmp_path)  # fmt: skip
+    predicted = tool("vit-predict", str(digits_run / "best.pt"), "pngs/val", "--json",
+                     "--topk", "10", cwd=tmp_path)  # fmt: skip
+    eval_digits = tool(
+        "vit-eval", str(digits_run / "best.pt"), "--out", "eval_digits", cwd=tmp_path
+    )
+    for result in (eval_png, predicted, eval_digits):
+        assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in predicted.stdout.splitlines()]
+    by_path = {Path(line["path"]).name: line["predictions"] for line in lines}
+    assert len(by_path) == 60
+
+    # 1. The same PNG files through vit-eval's loader: the same tensors, the same predictions.
+    with (tmp_path / "eval_png" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        top = by_path[Path(row["path"]).name][0]
+        assert top["label"] == row["predicted"]
+        assert top["prob"] == pytest.approx(float(row["prob"]), abs=1e-5)
+
+    # 2. Against vit-eval on the stored digits. The PNG holds round(255 x) where the data holds
+    # x (multiples of 1/256), and the RGB -> grayscale step of the file loader truncates one
+    # more level, so pixels differ by under 2/255: probabilities move by a few hundredths,
+    # and the top-1 can flip only where the two best classes are that close.
+    with (tmp_path / "eval_digits" / "predictions.csv").open() as f:
+        stored = list(csv.DictReader(f))
+    close = 0
+    for i in chosen:
+        top = by_path[f"{i:03d}.png"]
+        probs = {p["label"]: p["prob"] for p in top}
+        assert probs[stored[i]["predicted"]] == pytest.approx(float(stored[i]["prob"]), abs=0.05)
+        if top[0]["prob"] - top[1]["prob"] > 0.05:
+            assert top[0]["label"] == stored[i]["predicted"]
+        else:
+            close += 1
+    assert close < 10
+
+
+@pytest.mark.slow
+def test_a_corrupt_file_gets_an_error_line_and_the_others_are_classified(digits_run, tmp_path):
+    images, _ = digits_val()
+    for i in range(5):
+        write_png(images[i], tmp_path / "in" / f"{i}.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG but not really")
+    result = tool("vit-predict", str(digits_run / "best.pt"), "in", "--json", "--topk", "3",
+                  cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6
+    (broken,) = [line for line in lines if "error" in line]
+    assert broken["path"].endswith("broken.png") and "not a readable image" in broken["error"]
+    good = [line for line in lines if "predictions" in line]
+    assert len(good) == 5
+    for line in good:
+        assert [p["label"] for p in line["predictions"]] != []
+        assert len(line["predictions"]) == 3 and 0.0 < line["predictions"][0]["prob"] <= 1.0
+    table = tool("vit-predict", str(digits_run / "best.pt"), "in/*.png", cwd=tmp_path)
+    assert table.returncode == 1
+    assert "broken.png" in table.stderr and "1 of 6 files could not be read" in table.stderr
+    assert "0.png" in table.stdout and "Traceback" not in table.stderr
+    assert not (tmp_path / "outputs").exists()  # no Hydra run directory
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_round_trips_through_a_checkpoint(family, compose_cfg, tmp_path, capsys):
+    ema = ["trainer.ema.decay=0.5"] if family == "deit" else []
+    fit(compose_cfg(*SHORT, *FAMILIES[family], *ema), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+
+    for use_ema in [False, True] if ema else [False]:
+        key = "val_ema/acc1" if use_ema else "val/acc1"
+        eval_main([str(tmp_path / "last.pt"), "--out", str(tmp_path / f"eval{use_ema}")]
+                  + ["--ema"] * use_ema)  # fmt: skip
+        metrics = json.loads((tmp_path / f"eval{use_ema}" / "metrics.json").read_text())
+        assert metrics["acc1"] == ckpt["metrics"][key]
+
+        # The Python API on the stored val tensors gives vit-eval's predictions.
+        model, transform, class_names = load_model(tmp_path / "last.pt", ema=use_ema)
+        images, _ = digits_val()
+        top = predict(model, images, transform, class_names, topk=2)
+        with (tmp_path / f"eval{use_ema}" / "predictions.csv").open() as f:
+            assert [p[0].label for p in top] == [row["predicted"] for row in csv.DictReader(f)]
+    capsys.readouterr()
+
+
+def test_eval_transform_converts_rgba_and_grayscale_as_the_model_expects():
+    gray = EvalTransform(img_size=16, in_chans=1, mean=[0.5], std=[0.5])
+    rgb = EvalTransform(img_size=16, in_chans=3, mean=[0.5] * 3, std=[0.5] * 3)
+    rgba = Image.new("RGBA", (40, 32), (255, 255, 255, 128))
+    assert gray(rgba).shape == (1, 1, 16, 16) and rgb(rgba).shape == (1, 3, 16, 16)
+    assert torch.allclose(gray(rgba), torch.ones(1, 1, 16, 16), atol=0.01)  # white
+    small = Image.new("L", (8, 8), 0)
+    assert rgb([small, small]).shape == (2, 3, 16, 16)
+    pixels = torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8)
+    as_pil = Image.fromarray(pixels[0].numpy(), mode="L")
+    assert torch.allclose(gray(pixels), gray(pixels.float() / 255), atol=1e-6)
+    assert (gray(as_pil) - gray(pixels)).abs().max() <= 1 / 255 / 0.5 + 1e-6  # RGB -> gray
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONFIG_DIR
+    from vit_cli.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[*TINY_VIT, *SHORT]))
+    GlobalHydra.instance().clear()
+    root = tmp_path_factory.mktemp("small")
+    fit(cfg, root)
+    return root / "last.pt"
+
+
+def edited(ckpt_path: Path, tmp_path: Path, edit) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    edit(ckpt)
+    save_checkpoint(ckpt, tmp_path / "edited.pt")
+    return tmp_path / "edited.pt"
+
+
+def drop_class_names(ckpt: dict) -> None:
+    del ckpt["data"]["class_names"]
+
+
+def deepen(ckpt: dict) -> None:
+    ckpt["config"]["model"]["depth"] = 3
+
+
+def old_format(ckpt: dict) -> None:
+    del ckpt["format_version"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (drop_class_names, "lacks what inference needs: data.class_names"),
+        (deepen, "does not fit the configured model"),
+        (old_format, "format version None"),
+    ],
+)
+def test_checkpoints_unfit_for_inference_get_short_messages(
+    small_checkpoint, tmp_path, edit, message
+):
+    with pytest.raises(UserError, match=message):
+        load_model(edited(small_checkpoint, tmp_path, edit))
+
+
+def test_missing_and_corrupt_checkpoints_and_empty_inputs_get_short_messages(
+    small_checkpoint, tmp_path
+):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nowhere.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        load_model(tmp_path / "corrupt.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        expand_inputs([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="matches no files"):
+        expand_inputs([str(tmp_path / "*.jpg")])
+    with pytest.raises(UserError, match="no weight average"):
+        load_model(small_checkpoint, ema=True)
+
+
+def test_cli_errors_are_one_panel_with_exit_status_2(small_checkpoint, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    result = tool("vit-predict", str(small_checkpoint), "empty", cwd=tmp_path)
+    assert result.returncode == 2 and "holds no images" in result.stderr
+    assert "vit-predict: error" in result.stderr and "Traceback" not in result.stderr
+    for args, message in [
+        ([str(tmp_path / "nowhere.pt")], "does not exist"),
+        ([str(small_checkpoint), "data=cifar7"], "Valid names"),
+        ([str(small_checkpoint), "model.depth=3"], "data=NAME and data.KEY=VALUE"),
+        ([str(small_checkpoint), "data.no_such_key=1"], "no_such_key"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "vit-eval: error" in err and message in err
+
+
+def test_help_of_both_tools(tmp_path):
+    for name in ("vit-eval", "vit-predict"):
+        result = tool(name, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "examples:" in result.stdout

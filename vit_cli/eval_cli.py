@@ -1,0 +1,286 @@
+"""`vit-eval`: score a vit-train checkpoint on the val split of its data, or of other data.
+
+The model, its eval transform and the val loader are rebuilt from the config stored in the
+checkpoint, and scored by `evaluate`, the same function vit-train logs `val/acc1` with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from vit_cli.cli import reported_errors
+from vit_cli.errors import UserError
+
+USAGE_EXAMPLES = """examples:
+  vit-eval outputs/2026-11-24/10-00-00/best.pt
+  vit-eval best.pt --ema
+  vit-eval best.pt data=imagefolder data.root=~/data/flowers --out eval_flowers
+
+Overrides change the data to score: data=NAME picks another data config (configs/data/), and
+data.KEY=VALUE sets one of its values. The model's input (channels, normalisation, crop
+ratio, class count) always comes from the checkpoint.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vit-eval",
+        description="Score a vit-train checkpoint: top-1, top-5, loss, per-class accuracy, "
+        "a confusion matrix (PNG) and per-image predictions (CSV).",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by vit-train (best.pt, last.pt)")
+    parser.add_argument("overrides", nargs="*", help="data=NAME and data.KEY=VALUE")
+    parser.add_argument("--ema", action="store_true", help="score the weight average (EMA)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: eval_<name> beside the checkpoint)"
+    )
+    parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, help="default: the training run's eval batch")
+    return parser.parse_args(argv)
+
+
+def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
+    """The data config to score: the checkpoint's, or another one, with overrides applied.
+
+    Whatever the data, the model's input side (channels, normalisation, eval crop ratio,
+    class count) is the checkpoint's, set before the user's `data.KEY=VALUE` overrides.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from vit_cli.config import DataConfig
+
+    groups = [o.removeprefix("data=") for o in overrides if o.startswith("data=")]
+    keys = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
+    others = [o for o in overrides if not o.startswith(("data=", "data."))]
+    if others:
+        raise UserError(
+            f"vit-eval takes data=NAME and data.KEY=VALUE overrides, not {' '.join(others)}. "
+            "The model, precision and device come from the checkpoint and from --flags."
+        )
+    base = saved["data"]
+    if groups:
+        yaml = files("vit_cli.configs") / "data" / f"{groups[-1]}.yaml"
+        if not yaml.is_file():
+            names = sorted(p.name.removesuffix(".yaml") for p in yaml.parent.iterdir())
+            raise UserError(f"Unknown data={groups[-1]}. Valid names: {', '.join(names)}.")
+        base = OmegaConf.load(str(yaml))
+    model_input = {
+        "in_chans": data_info["in_chans"],
+        "num_classes": data_info["num_classes"],
+        "mean": data_info["mean"],
+        "std": data_info["std"],
+        "augment": {
+            "eval_crop_ratio": saved["data"].get("augment", {}).get("eval_crop_ratio", 1.0)
+        },
+    }
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(DataConfig), base, model_input, OmegaConf.from_dotlist(keys)
+        )
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise UserError(f"data.{e.full_key} has no value: add data.{e.full_key}=<value>.") from e
+    except OmegaConfBaseException as e:
+        raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e
+
+
+class Tally:
+    """Confusion matrix and per-image predictions, fed batch by batch by `evaluate`."""
+
+    def __init__(self, num_classes: int) -> None:
+        import torch
+
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (true, pred)
+        self.rows: list[tuple[int, int, float]] = []  # (target, predicted, its probability)
+
+    def __call__(self, logits, targets) -> None:
+        probs, predicted = logits.softmax(dim=1).max(dim=1)  # (B,), (B,)
+        targets, predicted = targets.cpu(), predicted.cpu()
+        self.confusion.index_put_(
+            (targets, predicted), self.confusion.new_ones(len(targets)), accumulate=True
+        )
+        self.rows += zip(targets.tolist(), predicted.tolist(), probs.tolist(), strict=True)
+
+
+def confusion_png(confusion, class_names: list[str], path: Path) -> None:
+    """The row-normalised confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    K = len(class_names)
+    cell = max(4, min(48, 960 // K))
+    labelled = K <= 40
+    margin = 8 * max(len(n) for n in class_names[:40]) + 16 if labelled else 8
+    side = margin + K * cell + 8
+    width, height = max(side, 420), side + 24  # room for the caption below
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    rows = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)  # (K, K)
+    for t in range(K):
+        for p in range(K):
+            shade = round(255 * (1 - float(rows[t, p])))  # white (0) .. blue (1)
+            x, y = margin + p * cell, margin + t * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(shade, shade, 255))
+            count = int(confusion[t, p])
+            if count and cell >= 24:
+                ink = "white" if shade < 128 else "black"
+                centre = (x + cell / 2, y + cell / 2)
+                draw.text(centre, str(count), fill=ink, font=font, anchor="mm")
+    if labelled:
+        for k, name in enumerate(class_names):
+            centre = margin + k * cell + cell / 2
+            draw.text((margin - 4, centre), name, fill="black", font=font, anchor="rm")  # true
+            draw.text((centre, margin - 4), name[:4], fill="black", font=font, anchor="mb")  # pred
+    caption = "rows: true class, columns: predicted; shade: share of the row"
+    draw.text((4, height - 6), caption, fill="dimgray", font=font, anchor="lb")
+    image.save(path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from vit_cli.checkpoint import check_inference_fields, load_checkpoint
+    from vit_cli.data import build_data
+    from vit_cli.evaluation import evaluate
+    from vit_cli.inference import model_of
+    from vit_cli.precision import resolve_precision
+    from vit_cli.trainer import resolve_device
+
+    path = Path(args.checkpoint).expanduser()
+    ckpt = load_checkpoint(path)
+    check_inference_fields(ckpt, str(path))
+    saved, data_info = ckpt["config"], ckpt["data"]
+    data_cfg = eval_data_config(saved, data_info, args.overrides)
+    if args.batch_size is not None:
+        data_cfg.eval_batch_size = args.batch_size
+    device = resolve_device(args.device)
+    precision_cfg = saved["precision"]
+    precision = resolve_precision(
+        args.precision or precision_cfg["name"], device, precision_cfg.get("allow_tf32", True)
+    )
+    model = model_of(ckpt, str(path), args.ema).to(device)
+    data = build_data(data_cfg, data_info["img_size"], torch.Generator())
+    class_names = list(data_info["class_names"])
+    if data.class_names != class_names:
+        raise UserError(
+            f"The classes of data={data_cfg.name} ({', '.join(data.class_names[:10])}) are not "
+            f"the checkpoint's ({', '.join(class_names[:10])}), in name or order. Score data "
+            "with the classes the model was trained on."
+        )
+
+    tally = Tally(len(class_names))
+    start = time.perf_counter()
+    metrics = evaluate(model, data.val_loader, precision, device, observe=tally)
+    seconds = time.perf_counter() - start
+    images = len(tally.rows)
+    per_class_total = tally.confusion.sum(dim=1)
+    per_class = [
+        {
+            "class": name,
+            "images": int(per_class_total[k]),
+            "acc1": 100.0 * int(tally.confusion[k, k]) / int(per_class_total[k])
+            if per_class_total[k]
+            else None,
+        }
+        for k, name in enumerate(class_names)
+    ]
+    weights = "ema" if args.ema else "model"
+    logged_key = "val_ema/acc1" if args.ema else "val/acc1"
+    own_data = not args.overrides
+    report = {
+        "checkpoint": str(path),
+        "weights": weights,
+        "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "val"},
+        "precision": precision.name,
+        "device": str(device),
+        "images": images,
+        **metrics,
+        "throughput_img_per_s": images / seconds,
+        "logged_acc1": ckpt.get("metrics", {}).get(logged_key) if own_data else None,
+        "epoch": ckpt.get("state", {}).get("epoch"),
+        "per_class": per_class,
+        "class_names": class_names,
+        "confusion_matrix": tally.confusion.tolist(),
+    }
+
+    suffix = "_ema" if args.ema else ""
+    out = args.out or path.parent / f"eval_{path.stem}{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    confusion_png(tally.confusion, class_names, out / "confusion.png")
+    files_of = [p for p, _ in getattr(data.val_loader.dataset, "samples", [])]
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "target", "predicted", "prob"])
+        for i, (target, predicted, prob) in enumerate(tally.rows):
+            path_i = files_of[i] if len(files_of) == images else ""
+            writer.writerow([i, path_i, class_names[target], class_names[predicted], f"{prob:.6f}"])
+    report["out"] = str(out)
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"vit-eval {report['checkpoint']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    data = report["data"]
+    rows = [
+        ("weights", report["weights"] + (f" (epoch {report['epoch']})" if report["epoch"] else "")),
+        ("data", f"{data['name']}{' ' + str(data['root']) if data['root'] else ''}, val split"),
+        ("images", f"{report['images']:,}"),
+        ("top-1", f"{report['acc1']:.2f}%"),
+        ("top-5", f"{report['acc5']:.2f}%"),
+        ("loss", f"{report['loss']:.4f}"),
+    ]
+    if "acc1_cls" in report:
+        rows.append(
+            ("top-1 per head", f"cls {report['acc1_cls']:.2f}%, dist {report['acc1_dist']:.2f}%")
+        )
+    if report["logged_acc1"] is not None:
+        rows.append(("top-1 logged in training", f"{report['logged_acc1']:.2f}%"))
+    rows += [
+        ("throughput", f"{report['throughput_img_per_s']:,.0f} img/s ({report['device']}, {report['precision']})"),
+        ("written to", report["out"]),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+    per_class = report["per_class"]
+    shown = per_class
+    title = "per-class top-1"
+    if len(per_class) > 20:
+        shown = sorted(per_class, key=lambda c: (c["acc1"] is None, c["acc1"]))[:10]
+        title += " (the 10 lowest; all in metrics.json)"
+    classes = Table(title=title)
+    classes.add_column("class")
+    classes.add_column("images", justify="right")
+    classes.add_column("top-1", justify="right")
+    for c in shown:
+        acc = "-" if c["acc1"] is None else f"{c['acc1']:.2f}%"
+        classes.add_row(c["class"], str(c["images"]), acc)
+    console.print(classes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vit-eval`: score a checkpoint; see `vit-eval --help`."""
+    args = parse_args(argv)
+    with reported_errors(tool="vit-eval"):
+        print_report(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Inference from a vit-train checkpoint: the model, its eval transform, and top-k predictions.
+
+The eval transform is the one the val split of image files goes through in training
+(`augment.image_transform` per image, then the batched `BatchAugment`), rebuilt from the
+checkpoint, so a file classified here is seen exactly as `vit-eval` sees it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from vit_cli.augment import build_batch_augment, image_transform
+from vit_cli.checkpoint import check_inference_fields, load_checkpoint
+from vit_cli.config import AugmentConfig
+from vit_cli.data import UNREADABLE, read_image
+from vit_cli.errors import UserError
+from vit_cli.evaluation import merged_logits, model_outputs
+from vit_cli.models import model_from_checkpoint
+from vit_cli.precision import Precision, resolve_precision
+from vit_cli.trainer import resolve_device
+
+ImageInput = Image.Image | torch.Tensor
+
+
+class Prediction(NamedTuple):
+    label: str
+    index: int
+    prob: float
+
+
+class EvalTransform:
+    """Images -> the normalised (B, C, img_size, img_size) batch the model expects.
+
+    Per image: the model's channels (RGB, or grey for one channel), resize to
+    img_size / eval_crop_ratio and centre-crop (uint8). Per batch: scale to [0, 1] and
+    normalise with the training data's mean and std.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        eval_crop_ratio: float = 1.0,
+    ) -> None:
+        aug = AugmentConfig(eval_crop_ratio=eval_crop_ratio)
+        self.img_size, self.in_chans = img_size, in_chans
+        self.image = image_transform(img_size, in_chans, aug, train=False)
+        self.batch = build_batch_augment(aug, img_size, list(mean), list(std), shift=0, train=False)
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        """One image file as the val loader reads it (`data.read_image`), then `image`."""
+        return self.image(read_image(path, self.in_chans))
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """PIL images or tensors (C, H, W) or (B, C, H, W), uint8 or in [0, 1]."""
+        if isinstance(images, Image.Image) or (
+            isinstance(images, torch.Tensor) and images.ndim == 3
+        ):
+            images = [images]
+        pixels = [self.image(im) for im in images]
+        if len({p.dtype for p in pixels}) > 1:  # uint8 and float mixed: all in [0, 1]
+            pixels = [p.float() / 255 if p.dtype == torch.uint8 else p for p in pixels]
+        return self.batch(torch.stack(pixels))  # (B, C, img_size, img_size)
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    transform: EvalTransform
+    class_names: list[str]
+
+
+def eval_transform_of(ckpt: dict) -> EvalTransform:
+    data = ckpt["data"]
+    augment = ckpt["config"]["data"].get("augment", {})
+    return EvalTransform(
+        data["img_size"],
+        data["in_chans"],
+        data["mean"],
+        data["std"],
+        augment.get("eval_crop_ratio", 1.0),
+    )
+
+
+def model_of(ckpt: dict, source: str, ema: bool = False) -> nn.Module:
+    """The checkpoint's model (or its weight average), weights loaded, in eval mode."""
+    if not ema:
+        return model_from_checkpoint(ckpt, source=source).eval()
+    if "ema" not in ckpt:
+        raise UserError(
+            f"Checkpoint {source} holds no weight average; drop --ema, or train with "
+            "trainer.ema.decay=0.9998 to get one."
+        )
+    return model_from_checkpoint({**ckpt, "model": ckpt["ema"]["model"]}, f"{source} (ema)").eval()
+
+
+def load_model(path: str | Path, ema: bool = False, device: str = "cpu") -> LoadedModel:
+    """Load a vit-train checkpoint for inference: (model in eval mode, transform, class names).
+
+    `ema=True` takes the checkpoint's weight average (trainer.ema) instead of its weights.
+    """
+    ckpt = load_checkpoint(path)
+    check_inference_fields(ckpt, str(path))
+    model = model_of(ckpt, str(path), ema).to(resolve_device(device))
+    return LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
+
+
+@torch.inference_mode()
+def top_predictions(
+    model: nn.Module, images: torch.Tensor, class_names: list[str], topk: int, precision: Precision
+) -> list[list[Prediction]]:
+    """Softmax top-k of a normalised batch; a DeiT's two heads are averaged, as in eval."""
+    with precision.autocast():
+        logits = merged_logits(model_outputs(model, images)).float()  # (B, K)
+    probs, indices = logits.softmax(dim=1).topk(min(topk, logits.shape[1]), dim=1)  # (B, k)
+    return [
+        [Prediction(class_names[i], i, p) for p, i in zip(row_p, row_i, strict=True)]
+        for row_p, row_i in zip(probs.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def predict(
+    model: nn.Module,
+    images: ImageInput | Sequence[ImageInput],
+    transform: EvalTransform,
+    class_names: list[str],
+    topk: int = 5,
+    precision: str = "fp32",
+    batch_size: int = 64,
+) -> list[list[Prediction]]:
+    """Top-k predictions (label, index, prob) for each of `images` (PIL images or tensors)."""
+    model.eval()
+    device = next(model.parameters()).device
+    chosen = resolve_precision(precision, device)
+    if isinstance(images, Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3):
+        images = [images]
+    results = []
+    for start in range(0, len(images), batch_size):
+        batch = transform(images[start : start + batch_size]).to(device)
+        results += top_predictions(model, batch, class_names, topk, chosen)
+    return results
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files named, image files under folders (recursively), and glob matches, in order.
+
+    A named file or a glob match is taken whatever its extension (it may fail to read);
+    a folder contributes the files with an image extension. Nothing found is an error.
+    """
+    paths: list[Path] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+            )
+            what = f"folder {path}"
+        elif path.is_file():
+            found = [path]
+        elif _has_glob(text):
+            found = sorted(
+                Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()
+            )
+            what = f"glob {text!r}"
+        else:
+            raise UserError(f"{text} does not exist. Give image files, folders or a glob pattern.")
+        if not found:
+            raise UserError(
+                f"The {what} holds no images (looked for {', '.join(IMG_EXTENSIONS)})."
+                if path.is_dir()
+                else f"The {what} matches no files."
+            )
+        paths += found
+    return paths
+
+
+class _ImageFiles(Dataset):
+    """(index, pixels or None, error or None) per file; an unreadable file is no exception."""
+
+    def __init__(self, paths: list[Path], transform: EvalTransform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.transform.read(self.paths[i]), None
+        except UNREADABLE as e:
+            return i, None, f"not a readable image ({type(e).__name__}: {e})"
+
+
+class _Collate:
+    """Normalise the readable images of a batch at once; pass the errors through."""
+
+    def __init__(self, transform: EvalTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list) -> tuple[list[int], torch.Tensor | None, list[tuple]]:
+        readable = [(i, pixels) for i, pixels, _ in samples if pixels is not None]
+        errors = [(i, error) for i, _, error in samples if error is not None]
+        if not readable:
+            return [], None, errors
+        indices = [i for i, _ in readable]
+        return indices, self.transform.batch(torch.stack([p for _, p in readable])), errors
+
+
+def _yield_to_the_model(worker_id: int) -> None:
+    """Lowest CPU priority for a reading worker: it runs when the model's threads leave a
+    core idle, instead of preempting one of them and stalling the whole thread pool."""
+    os.nice(19)
+
+
+class FileResult(NamedTuple):
+    path: Path
+    predictions: list[Prediction] | None  # None when the file could not be read
+    error: str | None
+
+
+def predict_files(
+    loaded: LoadedModel,
+    paths: list[Path],
+    topk: int = 5,
+    precision: Precision | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+) -> Iterator[FileResult]:
+    """Classify image files in batches, yielding one result per file in order.
+
+    `workers` loader processes read and preprocess the next batches while the model runs.
+    """
+    model, transform, class_names = loaded
+    device = next(model.parameters()).device
+    precision = precision or resolve_precision("fp32", device)
+    loader = DataLoader(
+        _ImageFiles(paths, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_Collate(transform),
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_yield_to_the_model,
+    )
+    model.eval()
+    for indices, images, errors in loader:
+        results = {i: FileResult(paths[i], None, error) for i, error in errors}
+        if images is not None:
+            top = top_predictions(model, images.to(device), class_names, topk, precision)
+            results.update(
+                {i: FileResult(paths[i], p, None) for i, p in zip(indices, top, strict=True)}
+            )
+        yield from (results[i] for i in sorted(results))

@@ -1,0 +1,135 @@
+"""`vit-predict`: classify image files with a vit-train checkpoint.
+
+Writes nothing but its output: a table, or JSON lines (`--json`) for scripts. A file that
+cannot be read gets its own error line and the exit status 1; the others are classified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vit_cli.cli import reported_errors
+
+USAGE_EXAMPLES = """examples:
+  vit-predict best.pt digit.png
+  vit-predict best.pt photos/ --topk 3
+  vit-predict best.pt 'photos/**/*.jpg' --json > predictions.jsonl
+
+Inputs are image files, folders (their image files, recursively) or glob patterns (quote
+them so that the shell leaves them to vit-predict). Images are converted, resized and
+cropped as at eval time.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vit-predict",
+        description="Classify image files with a vit-train checkpoint: top-k classes and "
+        "their probabilities.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by vit-train")
+    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--ema", action="store_true", help="use the weight average (EMA)")
+    parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, max(1, (os.cpu_count() or 1) // 2)),
+        help="processes that read images while the model runs (default: half the cores, at most 2)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("topk", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify the inputs and print the results; returns the exit status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vit_cli.checkpoint import check_inference_fields, load_checkpoint
+    from vit_cli.inference import (
+        LoadedModel,
+        eval_transform_of,
+        expand_inputs,
+        model_of,
+        predict_files,
+    )
+    from vit_cli.precision import resolve_precision
+    from vit_cli.trainer import resolve_device
+
+    paths = expand_inputs(args.inputs)
+    ckpt = load_checkpoint(args.checkpoint)
+    check_inference_fields(ckpt, args.checkpoint)
+    device = resolve_device(args.device)
+    precision_cfg = ckpt["config"]["precision"]
+    precision = resolve_precision(
+        args.precision or precision_cfg["name"], device, precision_cfg.get("allow_tf32", True)
+    )
+    loaded = LoadedModel(
+        model_of(ckpt, args.checkpoint, args.ema).to(device),
+        eval_transform_of(ckpt),
+        list(ckpt["data"]["class_names"]),
+    )
+    results = predict_files(loaded, paths, args.topk, precision, args.batch_size, args.workers)
+
+    failed = 0
+    stderr = Console(stderr=True)
+    if args.json:
+        for result in results:
+            line = {"path": str(result.path)}
+            if result.error is None:
+                line["predictions"] = [p._asdict() for p in result.predictions]
+            else:
+                line["error"] = result.error
+                failed += 1
+            print(json.dumps(line), flush=True)
+    else:
+        table = Table(title=f"vit-predict {args.checkpoint} ({len(paths)} images)")
+        table.add_column("file", overflow="fold")
+        table.add_column("class")
+        table.add_column("prob", justify="right")
+        table.add_column(f"top-{args.topk}" if args.topk > 1 else "", overflow="fold")
+        for result in results:
+            if result.error is not None:
+                stderr.print(f"[red]error[/red] {result.path}: {result.error}", highlight=False)
+                failed += 1
+                continue
+            best, *rest = result.predictions
+            others = ", ".join(f"{p.label} {p.prob:.1%}" for p in rest)
+            table.add_row(str(result.path), best.label, f"{best.prob:.1%}", others)
+        if table.rows:
+            Console().print(table)
+    if failed:
+        stderr.print(f"{failed} of {len(paths)} files could not be read.", highlight=False)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vit-predict`: classify image files; see `vit-predict --help`."""
+    args = parse_args(argv)
+    with reported_errors(tool="vit-predict"):
+        try:
+            status = run(args)
+        except BrokenPipeError:
+            # The reader (e.g. `head`) closed stdout: stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = 1
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
