@@ -44,11 +44,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, register_configs
 from vit_cli.errors import UserError
+from vit_cli.evaluation import merged_logits
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import Precision, resolve_precision
-from vit_cli.trainer import merged_logits, resolve_device
+from vit_cli.trainer import resolve_device
 
 # timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
 # (embed_dim, depths, num_heads) for Swin.

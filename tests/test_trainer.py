@@ -8,11 +8,12 @@ from tests.conftest import TINY
 from vit_cli.checkpoint import load_checkpoint
 from vit_cli.data import build_data
 from vit_cli.errors import UserError
+from vit_cli.evaluation import accuracy_counts, evaluate
 from vit_cli.losses import TrainingLoss
 from vit_cli.models.vit import VisionTransformer
 from vit_cli.precision import resolve_precision
 from vit_cli.run_log import RunLogger
-from vit_cli.trainer import TrainState, accuracy_counts, evaluate, fit, train_one_epoch
+from vit_cli.trainer import TrainState, fit, train_one_epoch
 
 
 def test_accuracy_counts_top1_and_top5():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -45,6 +46,13 @@ def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Ite
             hint = " No epoch had finished, so no checkpoint was written."
         stderr.print(Panel(f"Interrupted.{hint}", title=tool, border_style="yellow", expand=False))
         sys.exit(130)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options vit-eval and vit-predict share: which weights, precision and device."""
+    parser.add_argument("--ema", action="store_true", help="use the weight average (EMA)")
+    parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def to_train_config(cfg: DictConfig):

@@ -13,7 +13,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from vit_cli.cli import reported_errors
+from vit_cli.cli import add_model_options, reported_errors
 from vit_cli.errors import UserError
 
 USAGE_EXAMPLES = """examples:
@@ -37,12 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("checkpoint", help="a .pt file written by vit-train (best.pt, last.pt)")
     parser.add_argument("overrides", nargs="*", help="data=NAME and data.KEY=VALUE")
-    parser.add_argument("--ema", action="store_true", help="score the weight average (EMA)")
     parser.add_argument(
         "--out", type=Path, help="output folder (default: eval_<name> beside the checkpoint)"
     )
-    parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_options(parser)
     parser.add_argument("--batch-size", type=int, help="default: the training run's eval batch")
     return parser.parse_args(argv)
 
@@ -148,25 +146,19 @@ def confusion_png(confusion, class_names: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from vit_cli.checkpoint import check_inference_fields, load_checkpoint
     from vit_cli.data import build_data
     from vit_cli.evaluation import evaluate
-    from vit_cli.inference import model_of
-    from vit_cli.precision import resolve_precision
+    from vit_cli.inference import model_of, read_for_inference, trained_precision
     from vit_cli.trainer import resolve_device
 
     path = Path(args.checkpoint).expanduser()
-    ckpt = load_checkpoint(path)
-    check_inference_fields(ckpt, str(path))
+    ckpt = read_for_inference(path)
     saved, data_info = ckpt["config"], ckpt["data"]
     data_cfg = eval_data_config(saved, data_info, args.overrides)
     if args.batch_size is not None:
         data_cfg.eval_batch_size = args.batch_size
     device = resolve_device(args.device)
-    precision_cfg = saved["precision"]
-    precision = resolve_precision(
-        args.precision or precision_cfg["name"], device, precision_cfg.get("allow_tf32", True)
-    )
+    precision = trained_precision(ckpt, device, args.precision)
     model = model_of(ckpt, str(path), args.ema).to(device)
     data = build_data(data_cfg, data_info["img_size"], torch.Generator())
     class_names = list(data_info["class_names"])

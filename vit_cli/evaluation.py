@@ -54,7 +54,7 @@ def evaluate(
     every batch's logits and targets (vit-eval builds its confusion matrix from them).
     """
     model.eval()
-    forward_heads = getattr(unwrap_model(model), "forward_heads", None)
+    two_heads = False
     total_loss, count = 0.0, 0
     hits = {"acc1": 0, "acc5": 0, "acc1_cls": 0, "acc1_dist": 0}
     for images, targets in loader:
@@ -71,7 +71,8 @@ def evaluate(
         c1, c5 = accuracy_counts(logits, targets, (1, 5))
         hits["acc1"] += c1
         hits["acc5"] += c5
-        if forward_heads:
+        if isinstance(outputs, tuple):
+            two_heads = True
             hits["acc1_cls"] += accuracy_counts(outputs[0], targets, (1,))[0]
             hits["acc1_dist"] += accuracy_counts(outputs[1], targets, (1,))[0]
         if observe is not None:
@@ -79,6 +80,6 @@ def evaluate(
         count += len(targets)
     if count == 0:
         raise UserError("The val data holds no readable images, so there is nothing to score.")
-    if not forward_heads:
+    if not two_heads:
         del hits["acc1_cls"], hits["acc1_dist"]
     return {"loss": total_loss / count, **{k: 100.0 * v / count for k, v in hits.items()}}

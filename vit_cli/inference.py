@@ -105,15 +105,30 @@ def model_of(ckpt: dict, source: str, ema: bool = False) -> nn.Module:
     return model_from_checkpoint({**ckpt, "model": ckpt["ema"]["model"]}, f"{source} (ema)").eval()
 
 
+def read_for_inference(path: str | Path) -> dict:
+    """A vit-train checkpoint that holds what inference needs (else a UserError)."""
+    ckpt = load_checkpoint(path)
+    check_inference_fields(ckpt, str(path))
+    return ckpt
+
+
+def trained_precision(ckpt: dict, device: torch.device, name: str | None = None) -> Precision:
+    """The training run's precision (or `name`), as resolved for `device`."""
+    saved = ckpt["config"]["precision"]
+    return resolve_precision(name or saved["name"], device, saved.get("allow_tf32", True))
+
+
+def loaded_model(ckpt: dict, source: str, ema: bool, device: torch.device) -> LoadedModel:
+    model = model_of(ckpt, source, ema).to(device)
+    return LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
+
+
 def load_model(path: str | Path, ema: bool = False, device: str = "cpu") -> LoadedModel:
     """Load a vit-train checkpoint for inference: (model in eval mode, transform, class names).
 
     `ema=True` takes the checkpoint's weight average (trainer.ema) instead of its weights.
     """
-    ckpt = load_checkpoint(path)
-    check_inference_fields(ckpt, str(path))
-    model = model_of(ckpt, str(path), ema).to(resolve_device(device))
-    return LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
+    return loaded_model(read_for_inference(path), str(path), ema, resolve_device(device))
 
 
 @torch.inference_mode()

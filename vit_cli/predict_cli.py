@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from vit_cli.cli import reported_errors
+from vit_cli.cli import add_model_options, reported_errors
 
 USAGE_EXAMPLES = """examples:
   vit-predict best.pt digit.png
@@ -36,9 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    parser.add_argument("--ema", action="store_true", help="use the weight average (EMA)")
-    parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_options(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     parser.add_argument(
         "--workers",
@@ -60,30 +58,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from vit_cli.checkpoint import check_inference_fields, load_checkpoint
     from vit_cli.inference import (
-        LoadedModel,
-        eval_transform_of,
         expand_inputs,
-        model_of,
+        loaded_model,
         predict_files,
+        read_for_inference,
+        trained_precision,
     )
-    from vit_cli.precision import resolve_precision
     from vit_cli.trainer import resolve_device
 
     paths = expand_inputs(args.inputs)
-    ckpt = load_checkpoint(args.checkpoint)
-    check_inference_fields(ckpt, args.checkpoint)
+    ckpt = read_for_inference(args.checkpoint)
     device = resolve_device(args.device)
-    precision_cfg = ckpt["config"]["precision"]
-    precision = resolve_precision(
-        args.precision or precision_cfg["name"], device, precision_cfg.get("allow_tf32", True)
-    )
-    loaded = LoadedModel(
-        model_of(ckpt, args.checkpoint, args.ema).to(device),
-        eval_transform_of(ckpt),
-        list(ckpt["data"]["class_names"]),
-    )
+    precision = trained_precision(ckpt, device, args.precision)
+    loaded = loaded_model(ckpt, args.checkpoint, args.ema, device)
     results = predict_files(loaded, paths, args.topk, precision, args.batch_size, args.workers)
 
     failed = 0

@@ -30,7 +30,7 @@ from vit_cli.config import TrainConfig, validate
 from vit_cli.data import build_data
 from vit_cli.ema import ModelEma
 from vit_cli.errors import UserError
-from vit_cli.evaluation import accuracy_counts, evaluate, merged_logits  # noqa: F401 (re-export)
+from vit_cli.evaluation import evaluate, merged_logits
 from vit_cli.losses import SoftTargetCrossEntropy, TrainingLoss
 from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer, build_scheduler
