@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from torchvision import datasets
 
+from vit_cli.config import compose_train_config
 from vit_cli.data import build_data
 from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer
@@ -105,7 +106,7 @@ def endless(loader, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    cfg = throughput.compose_config(args.overrides)
+    cfg = compose_train_config(args.overrides)
     device = throughput.resolve_device(args.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
     img_size = cfg.model.img_size or cfg.data.img_size

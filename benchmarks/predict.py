@@ -21,7 +21,6 @@ import math
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +31,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_cli.checkpoint import FORMAT_VERSION, save_checkpoint
+from vit_cli.config import compose_train_config
 from vit_cli.inference import expand_inputs, load_model, predict_files
 from vit_cli.models import build_model
 from vit_cli.precision import resolve_precision
-
-sys.path.insert(0, str(Path(__file__).parent))
-from throughput import compose_config  # noqa: E402  (the same config composition)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="side of the JPEG files")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="vit-predict's --workers")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--no-cli", action="store_true", help="skip the real vit-predict run")
@@ -70,7 +67,7 @@ def write_images(folder: Path, n: int, size: int) -> None:
 
 def write_checkpoint(path: Path, overrides: list[str], num_classes: int) -> int:
     """A checkpoint as vit-train writes it, with the model's random initial weights."""
-    cfg = compose_config(["model=vit_tiny", "data=fake", *overrides])
+    cfg = compose_train_config(["model=vit_tiny", "data=fake", *overrides])
     img_size = cfg.model.img_size or cfg.data.img_size
     model = build_model(cfg.model, img_size, cfg.data.in_chans, num_classes)
     save_checkpoint(

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import ctypes
 import gc
-import importlib.resources
 import importlib.util
 import json
 import math
@@ -33,16 +32,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, register_configs
+from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, compose_train_config
 from vit_cli.errors import UserError
 from vit_cli.evaluation import merged_logits
 from vit_cli.models import build_model
@@ -95,14 +92,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.warmup < 0 or args.windows < 1 or args.steps_per_window < 1:
         parser.error("--windows and --steps-per-window must be positive, --warmup not negative")
     return args
-
-
-def compose_config(overrides: list[str]) -> TrainConfig:
-    register_configs()
-    config_dir = str(importlib.resources.files("vit_cli.configs"))
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return OmegaConf.to_object(cfg)
 
 
 def device_name(device: torch.device) -> str:
@@ -537,7 +526,7 @@ def build_candidates(
 
 
 def run(args: argparse.Namespace, console: Console) -> dict:
-    cfg = compose_config(args.overrides)
+    cfg = compose_train_config(args.overrides)
     device = resolve_device(args.device or cfg.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
     img_size = cfg.model.img_size or cfg.data.img_size

@@ -6,11 +6,13 @@ or a value of the wrong type fails before any work starts, naming the key.
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from vit_cli.errors import UserError
 
@@ -285,3 +287,16 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in MODEL_SCHEMAS.items():
         cs.store(group="schema/model", name=name, node=schema)
+
+
+def compose_train_config(overrides: list[str]) -> TrainConfig:
+    """vit-train's config with `overrides`, composed by Hydra outside a Hydra app.
+
+    For the tools that take vit-train's overrides without training (vit-eval's `data=NAME`,
+    the benchmarks), so that every config is composed one way: from `configs/` by Hydra.
+    """
+    register_configs()
+    config_dir = str(importlib.resources.files("vit_cli.configs"))
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return OmegaConf.to_object(cfg)

@@ -51,10 +51,11 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
     Whatever the data, the model's input side (channels, normalisation, eval crop ratio,
     class count) is the checkpoint's, set before the user's `data.KEY=VALUE` overrides.
     """
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    from vit_cli.config import DataConfig
+    from vit_cli.config import DataConfig, compose_train_config
 
     groups = [o.removeprefix("data=") for o in overrides if o.startswith("data=")]
     keys = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
@@ -64,30 +65,32 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
             f"vit-eval takes data=NAME and data.KEY=VALUE overrides, not {' '.join(others)}. "
             "The model, precision and device come from the checkpoint and from --flags."
         )
-    base = saved["data"]
-    if groups:
-        yaml = files("vit_cli.configs") / "data" / f"{groups[-1]}.yaml"
-        if not yaml.is_file():
-            names = sorted(p.name.removesuffix(".yaml") for p in yaml.parent.iterdir())
-            raise UserError(f"Unknown data={groups[-1]}. Valid names: {', '.join(names)}.")
-        base = OmegaConf.load(str(yaml))
-    model_input = {
+    # The model's input side, as KEY=VALUE overrides that the user's own come after.
+    pinned = {
         "in_chans": data_info["in_chans"],
         "num_classes": data_info["num_classes"],
         "mean": data_info["mean"],
         "std": data_info["std"],
-        "augment": {
-            "eval_crop_ratio": saved["data"].get("augment", {}).get("eval_crop_ratio", 1.0)
-        },
+        "augment.eval_crop_ratio": saved["data"].get("augment", {}).get("eval_crop_ratio", 1.0),
     }
+    dotlist = [f"{key}={json.dumps(value)}" for key, value in pinned.items()] + keys
     try:
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(DataConfig), base, model_input, OmegaConf.from_dotlist(keys)
-        )
-        return OmegaConf.to_object(cfg)
+        if not groups:  # the training run's data, as saved in the checkpoint
+            cfg = OmegaConf.merge(
+                OmegaConf.structured(DataConfig), saved["data"], OmegaConf.from_dotlist(dotlist)
+            )
+            return OmegaConf.to_object(cfg)
+        yaml = files("vit_cli.configs") / "data" / f"{groups[-1]}.yaml"
+        if not yaml.is_file():
+            names = sorted(p.name.removesuffix(".yaml") for p in yaml.parent.iterdir())
+            raise UserError(f"Unknown data={groups[-1]}. Valid names: {', '.join(names)}.")
+        # Composed by Hydra, as vit-train composes its data group.
+        overrides = [f"data={groups[-1]}", *(f"data.{entry}" for entry in dotlist)]
+        return compose_train_config(overrides).data
     except MissingMandatoryValue as e:
-        raise UserError(f"data.{e.full_key} has no value: add data.{e.full_key}=<value>.") from e
-    except OmegaConfBaseException as e:
+        key = e.full_key.removeprefix("data.")
+        raise UserError(f"data.{key} has no value: add data.{key}=<value>.") from e
+    except (OmegaConfBaseException, HydraException) as e:
         raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e
 
 
