@@ -142,8 +142,7 @@ class BatchRandAugment:
         self.num_ops = num_ops
         self.magnitude = magnitude
         self.magnitude_std = magnitude_std
-        names = list(RANDAUGMENT_OPS)
-        self.ops = [RANDAUGMENT_OPS[name] for name in names]
+        self.ops = list(RANDAUGMENT_OPS.values())
         # Draws that make no difference (the sign of an unsigned op, the magnitude of an
         # op without one) are zeroed, so that they do not split a group.
         self.signed = torch.tensor([signed for _, signed, _ in self.ops])
