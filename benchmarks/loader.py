@@ -34,6 +34,7 @@ from torchvision import datasets
 
 from vit_cli.config import compose_train_config
 from vit_cli.data import build_data
+from vit_cli.host_memory import keep_freed_memory
 from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import resolve_precision
@@ -105,6 +106,7 @@ def endless(loader, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # as vit-train does
     console = Console(width=None if sys.stdout.isatty() else 120)
     cfg = compose_train_config(args.overrides)
     device = throughput.resolve_device(args.device)

@@ -12,6 +12,9 @@ wall time of one real `vit-predict --json` run over the same files (process star
 Examples:
     python benchmarks/predict.py
     python benchmarks/predict.py model=vit_tiny --images 1000 --batch-size 32 --workers 1
+
+Like the vit_cli commands, it keeps freed memory in the process (vit_cli/host_memory.py),
+unless --malloc-defaults; the real vit-predict run always does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from PIL import Image
 
 from vit_cli.checkpoint import FORMAT_VERSION, save_checkpoint
 from vit_cli.config import compose_train_config
+from vit_cli.host_memory import keep_freed_memory
 from vit_cli.inference import expand_inputs, load_model, predict_files
 from vit_cli.models import build_model
 from vit_cli.precision import resolve_precision
@@ -45,11 +49,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=224, help="side of the JPEG files")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1, help="vit-predict's --workers")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="vit-predict's --workers (default 0, as there)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--no-cli", action="store_true", help="skip the real vit-predict run")
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc at its defaults in this process (vit-predict keeps freed "
+        "memory; vit_cli/host_memory.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,6 +105,7 @@ def write_checkpoint(path: Path, overrides: list[str], num_classes: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    kept = False if args.malloc_defaults else keep_freed_memory()
     work = Path(tempfile.mkdtemp(prefix="vit_predict_bench_"))
     try:
         t0 = time.perf_counter()
@@ -139,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{args.images} images of {args.size} px, model {args.overrides or 'vit_tiny'} at "
             f"{img_size} px, batch {args.batch_size}, {args.precision}, "
-            f"{torch.get_num_threads()} torch threads, {args.workers} loader worker(s)"
+            f"{torch.get_num_threads()} torch threads, {args.workers} loader worker(s), "
+            f"malloc {'freed memory kept' if kept else 'defaults'}"
         )
         print(f"bare model: {bare_median:.1f} img/s (median of {args.rounds})")
         print(f"predict_files: {predict_median:.1f} img/s (median of {args.rounds})")

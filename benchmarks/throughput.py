@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import gc
 import importlib.util
 import json
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, compose_train_config
 from vit_cli.errors import UserError
 from vit_cli.evaluation import merged_logits
+from vit_cli.host_memory import keep_freed_memory, release_freed_memory
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
@@ -86,6 +86,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--matmul-size",
         type=int,
         help="side of the square peak matmul (default: 2048 CPU, 4096 CUDA)",
+    )
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc at its defaults instead of keeping freed memory, as the "
+        "vit_cli commands do (vit_cli/host_memory.py)",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_intermixed_args(argv)
@@ -267,8 +273,7 @@ def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> 
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages resident otherwise
+    release_freed_memory()
     start = _reset_cpu_peak_rss()
     if start is None:
         return None
@@ -417,7 +422,7 @@ def ratios(ours: PhaseResult, peer: PhaseResult) -> dict[str, float]:
 def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None:
     console.print(
         f"[bold]{meta['device_name']}[/] ({meta['device']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads, precision {meta['precision']} ({meta['dtype']}), "
+        f"{meta['threads']} threads, malloc {meta['malloc']}, precision {meta['precision']} ({meta['dtype']}), "
         f"batch {meta['batch_size']} (eval {meta['eval_batch_size']}), {meta['img_size']} px"
         + (f", torch.compile mode={meta['compile_mode']}" if meta["compile"] else "")
     )
@@ -526,6 +531,7 @@ def build_candidates(
 
 
 def run(args: argparse.Namespace, console: Console) -> dict:
+    kept = False if args.malloc_defaults else keep_freed_memory()
     cfg = compose_train_config(args.overrides)
     device = resolve_device(args.device or cfg.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
@@ -563,6 +569,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc": "freed memory kept" if kept else "defaults",
         "precision": precision.name,
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size,

@@ -155,6 +155,11 @@ def test_a_corrupt_file_gets_an_error_line_and_the_others_are_classified(digits_
     for line in good:
         assert [p["label"] for p in line["predictions"]] != []
         assert len(line["predictions"]) == 3 and 0.0 < line["predictions"][0]["prob"] <= 1.0
+    # Read ahead by a loader process, the same files give the same lines, in the same order.
+    ahead = tool("vit-predict", str(digits_run / "best.pt"), "in", "--json", "--topk", "3",
+                 "--workers", "1", cwd=tmp_path)  # fmt: skip
+    assert ahead.returncode == 1
+    assert [json.loads(line) for line in ahead.stdout.splitlines()] == lines
     table = tool("vit-predict", str(digits_run / "best.pt"), "in/*.png", cwd=tmp_path)
     assert table.returncode == 1
     assert "broken.png" in table.stderr and "1 of 6 files could not be read" in table.stderr

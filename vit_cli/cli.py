@@ -18,6 +18,7 @@ from rich.panel import Panel
 
 from vit_cli.config import register_configs
 from vit_cli.errors import UserError
+from vit_cli.host_memory import keep_freed_memory
 
 CONFIG_PATH = "pkg://vit_cli.configs"
 
@@ -77,6 +78,7 @@ def _train(cfg: DictConfig) -> float:
 
 def train() -> None:
     """`vit-train`: train a model from the configs in vit_cli.configs plus overrides."""
+    keep_freed_memory()
     register_configs()
     _train()
 

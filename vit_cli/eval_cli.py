@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vit_cli.cli import add_model_options, reported_errors
 from vit_cli.errors import UserError
+from vit_cli.host_memory import keep_freed_memory
 
 USAGE_EXAMPLES = """examples:
   vit-eval outputs/2026-11-24/10-00-00/best.pt
@@ -273,6 +274,7 @@ def print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`vit-eval`: score a checkpoint; see `vit-eval --help`."""
     args = parse_args(argv)
+    keep_freed_memory()
     with reported_errors(tool="vit-eval"):
         print_report(run(args))
 

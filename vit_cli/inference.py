@@ -257,11 +257,14 @@ def predict_files(
     topk: int = 5,
     precision: Precision | None = None,
     batch_size: int = 64,
-    workers: int = 1,
+    workers: int = 0,
 ) -> Iterator[FileResult]:
     """Classify image files in batches, yielding one result per file in order.
 
-    `workers` loader processes read and preprocess the next batches while the model runs.
+    With `workers=0` each batch is read in this process before the model runs on it: where
+    the model keeps every core busy, a reading process can only take a core from it (README,
+    "vit-predict against the bare model"). `workers` > 0 loader processes read the next
+    batches while the model runs, which pays where reading waits on storage.
     """
     model, transform, class_names = loaded
     device = next(model.parameters()).device

@@ -12,6 +12,7 @@ import os
 import sys
 
 from vit_cli.cli import add_model_options, reported_errors
+from vit_cli.host_memory import keep_freed_memory
 
 USAGE_EXAMPLES = """examples:
   vit-predict best.pt digit.png
@@ -41,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=min(2, max(1, (os.cpu_count() or 1) // 2)),
-        help="processes that read images while the model runs (default: half the cores, at most 2)",
+        default=0,
+        help="processes that read images while the model runs (default 0: read them in this "
+        "process between batches, fastest when the model keeps every core busy)",
     )
     args = parser.parse_args(argv)
     for name in ("topk", "batch_size"):
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """`vit-predict`: classify image files; see `vit-predict --help`."""
     args = parse_args(argv)
+    keep_freed_memory()
     with reported_errors(tool="vit-predict"):
         try:
             status = run(args)
