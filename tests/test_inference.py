@@ -167,6 +167,24 @@ def test_a_corrupt_file_gets_an_error_line_and_the_others_are_classified(digits_
     assert not (tmp_path / "outputs").exists()  # no Hydra run directory
 
 
+def test_vit_eval_names_the_file_of_each_prediction_around_an_unreadable_one(digits_run, tmp_path):
+    images, labels = digits_val()
+    first_of_class = [labels.tolist().index(k) for k in range(10)]  # imagefolder needs all 10
+    for k, i in enumerate(first_of_class):
+        for split in ("train", "val"):  # imagefolder wants both splits; train is not read
+            write_png(images[i], tmp_path / "pngs" / split / str(k) / f"{k}.png")
+    (tmp_path / "pngs" / "val" / "4" / "4b.png").write_bytes(b"\x89PNG but not really")
+    result = tool("vit-eval", str(digits_run / "best.pt"), "data=imagefolder",
+                  f"data.root={tmp_path / 'pngs'}", "data.num_workers=2", "--out", "ev",
+                  cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "ev" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(row["path"]).name for row in rows) == [f"{k}.png" for k in range(10)]
+    for row in rows:  # each row's target is the class folder its file sits in
+        assert Path(row["path"]).parent.name == row["target"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_round_trips_through_a_checkpoint(family, compose_cfg, tmp_path, capsys):
     ema = ["trainer.ema.decay=0.5"] if family == "deit" else []

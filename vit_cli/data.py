@@ -106,7 +106,11 @@ def read_image(path: str | Path, in_chans: int) -> Image.Image:
 
 
 class ImageFiles(Dataset):
-    """(path, label) pairs read with PIL; an unreadable file yields None and is counted."""
+    """(path, label) pairs read with PIL; an unreadable file yields None and is counted.
+
+    `unreadable[i]` (shared with loader workers) marks sample i once it failed to read, so
+    that vit-eval can name the files behind its per-image predictions.
+    """
 
     def __init__(
         self, samples: list[tuple[str, int]], in_chans: int, transform, skipped: SkipCounter
@@ -115,6 +119,7 @@ class ImageFiles(Dataset):
         self.in_chans = in_chans
         self.transform = transform
         self.skipped = skipped
+        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,8 +130,14 @@ class ImageFiles(Dataset):
             image = read_image(path, self.in_chans)
         except UNREADABLE as e:
             self.skipped.add(path, e)
+            self.unreadable[i] = True
             return None
         return self.transform(image), label
+
+    def read_paths(self) -> list[str]:
+        """The paths of the samples read so far without error, in order."""
+        unreadable = self.unreadable.tolist()
+        return [path for (path, _), bad in zip(self.samples, unreadable, strict=True) if not bad]
 
 
 @contextlib.contextmanager

@@ -150,7 +150,7 @@ def confusion_png(confusion, class_names: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from vit_cli.data import build_data
+    from vit_cli.data import ImageFiles, build_data
     from vit_cli.evaluation import evaluate
     from vit_cli.inference import model_of, read_for_inference, trained_precision
     from vit_cli.trainer import resolve_device
@@ -213,7 +213,9 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     confusion_png(tally.confusion, class_names, out / "confusion.png")
-    files_of = [p for p, _ in getattr(data.val_loader.dataset, "samples", [])]
+    # The val loader keeps file order, so the files it read are the rows, one to one.
+    dataset = data.val_loader.dataset
+    files_of = dataset.read_paths() if isinstance(dataset, ImageFiles) else []
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "path", "target", "predicted", "prob"])
