@@ -422,7 +422,8 @@ def ratios(ours: PhaseResult, peer: PhaseResult) -> dict[str, float]:
 def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None:
     console.print(
         f"[bold]{meta['device_name']}[/] ({meta['device']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads, malloc {meta['malloc']}, precision {meta['precision']} ({meta['dtype']}), "
+        f"{meta['threads']} threads, malloc {meta['malloc']}, "
+        f"precision {meta['precision']} ({meta['dtype']}), "
         f"batch {meta['batch_size']} (eval {meta['eval_batch_size']}), {meta['img_size']} px"
         + (f", torch.compile mode={meta['compile_mode']}" if meta["compile"] else "")
     )
