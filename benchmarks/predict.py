@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="side of the JPEG files")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--workers", type=int, default=0, help="vit-predict's --workers (default 0, as there)"
+        "--workers",
+        type=int,
+        default=0,
+        help="vit-predict's --workers (default 0, as there on the CPU)",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--num-classes", type=int, default=1000)

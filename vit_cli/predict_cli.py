@@ -42,15 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=0,
-        help="processes that read images while the model runs (default 0: read them in this "
-        "process between batches, fastest when the model keeps every core busy)",
+        help="processes that read images while the model runs (default: none on the CPU, "
+        "where reading between batches is fastest; up to 4 on a GPU)",
     )
     args = parser.parse_args(argv)
     for name in ("topk", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
     return args
 
