@@ -12,7 +12,7 @@ up to 30% above the defaults' peak resident memory in our runs.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -24,14 +24,14 @@ _M_MMAP_MAX = -4
 USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if sys.platform != "linux":
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; musl's libc has another
     except OSError:
         return None
-    # musl and other C libraries have no mallopt/malloc_trim.
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
