@@ -40,13 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, compose_train_config
 from vit_cli.errors import UserError
-from vit_cli.evaluation import merged_logits
 from vit_cli.host_memory import keep_freed_memory, release_freed_memory
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import Precision, resolve_precision
-from vit_cli.trainer import resolve_device
+from vit_cli.runtime import resolve_device
 
 # timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
 # (embed_dim, depths, num_heads) for Swin.
@@ -239,7 +238,7 @@ def make_train_step(
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            loss = F.cross_entropy(merged_logits(model(images)), labels)
+            loss = F.cross_entropy(model(images), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

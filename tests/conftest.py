@@ -50,7 +50,7 @@ def compose_cfg() -> Callable[..., TrainConfig]:
 
 def _vit_train_command() -> list[str]:
     exe = shutil.which("vit-train")
-    return [exe] if exe else [sys.executable, "-m", "vit_cli.cli"]
+    return [exe] if exe else [sys.executable, "-m", "vit_cli.train"]
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Batched augmentation, Mixup/CutMix targets, label smoothing, and the repeated sampler."""
+"""Batched augmentation, Mixup/CutMix targets and label smoothing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from vit_cli.augment import (
     BatchAugment,
     BatchRandAugment,
     MixupCutmix,
-    RepeatedAugmentSampler,
     build_batch_augment,
     cutmix_box,
     image_transform,
@@ -24,7 +23,7 @@ from vit_cli.augment import (
 )
 from vit_cli.config import AugmentConfig, validate
 from vit_cli.errors import UserError
-from vit_cli.losses import SoftTargetCrossEntropy, TrainingLoss, soft_target_cross_entropy
+from vit_cli.losses import DistillationLoss, SoftTargetCrossEntropy, soft_target_cross_entropy
 
 
 def gen(seed: int) -> torch.Generator:
@@ -233,33 +232,10 @@ def test_deit_loss_with_mixed_targets_uses_them_for_the_class_head_and_teacher_a
         images, torch.tensor([0, 1, 2, 3])
     )
     cls_logits, dist_logits = torch.randn(4, 5), torch.randn(4, 5)
-    loss_fn = TrainingLoss(SoftTargetCrossEntropy(), teacher, kind="hard", alpha=0.5)
-    loss, parts = loss_fn(mixed, (cls_logits, dist_logits), targets)
+    loss_fn = DistillationLoss(SoftTargetCrossEntropy(), teacher, kind="hard", alpha=0.5)
+    loss, _, parts = loss_fn(mixed, (cls_logits, dist_logits), targets)
     base = soft_target_cross_entropy(cls_logits, targets)
     distill = F.cross_entropy(dist_logits, teacher(mixed).argmax(dim=1))
     torch.testing.assert_close(parts["loss_base"], base)
     torch.testing.assert_close(parts["loss_distill"], distill)
     torch.testing.assert_close(loss, 0.5 * base + 0.5 * distill)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def test_repeated_sampler_repeats_each_index_in_a_row_and_keeps_the_length():
-    gen = torch.Generator().manual_seed(3)
-    sampler = RepeatedAugmentSampler(10, 3, gen)
-    order = list(sampler)
-    assert len(order) == len(sampler) == 10
-    assert order[0:3] == [order[0]] * 3 and order[3:6] == [order[3]] * 3
-    assert len(set(order)) == 4  # ceil(10 / 3) indices drawn
-
-
-def test_repeated_sampler_order_is_fixed_by_the_generator_seed():
-    gen = torch.Generator()
-    sampler = RepeatedAugmentSampler(100, 3, gen)
-    gen.manual_seed(7)
-    first = list(sampler)
-    gen.manual_seed(7)
-    assert list(sampler) == first
-    gen.manual_seed(8)
-    assert list(sampler) != first

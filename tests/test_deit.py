@@ -10,8 +10,8 @@ from tests.conftest import TINY
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.config import TeacherConfig
 from vit_cli.errors import UserError
-from vit_cli.losses import TrainingLoss, hard_distillation_loss, soft_distillation_loss
-from vit_cli.models.deit import DistilledVisionTransformer
+from vit_cli.losses import DistillationLoss, hard_distillation_loss, soft_distillation_loss
+from vit_cli.models.deit import BothHeads, DistilledVisionTransformer
 from vit_cli.teacher import build_teacher
 
 
@@ -28,16 +28,25 @@ def small_deit(**kw) -> DistilledVisionTransformer:
     )
 
 
-def test_train_mode_returns_both_heads_and_eval_mode_their_average():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_returns_the_average_of_the_two_heads_in_train_and_eval_mode(mode):
     torch.manual_seed(0)
-    model = small_deit()
+    model = small_deit().train(mode == "train")
     x = torch.randn(3, 1, 16, 16)
-    cls_logits, dist_logits = model.train()(x)
+    cls_logits, dist_logits = model.forward_heads(x)
     assert cls_logits.shape == dist_logits.shape == (3, 10)
-    model.eval()
-    a, b = model.forward_heads(x)
-    torch.testing.assert_close(model(x), (a + b) / 2)
-    assert not torch.allclose(a, b)  # two distinct heads
+    torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
+    assert not torch.allclose(cls_logits, dist_logits)  # two distinct heads
+
+
+def test_both_heads_view_returns_forward_heads_and_shares_the_parameters():
+    torch.manual_seed(0)
+    model = small_deit().eval()
+    x = torch.randn(3, 1, 16, 16)
+    view = BothHeads(model)
+    for a, b in zip(view(x), model.forward_heads(x), strict=True):
+        torch.testing.assert_close(a, b)
+    assert [id(p) for p in view.parameters()] == [id(p) for p in model.parameters()]
 
 
 def test_position_embedding_covers_cls_dist_and_patches():
@@ -85,18 +94,19 @@ def test_training_loss_mixes_base_and_distillation_with_alpha():
     targets = torch.tensor([0, 1, 2, 3])
     cls_logits, dist_logits = torch.randn(4, 10), torch.randn(4, 10)
     teacher = small_deit().eval()
-    loss_fn = TrainingLoss(torch.nn.CrossEntropyLoss(), teacher, kind="hard", alpha=0.3)
-    loss, parts = loss_fn(images, (cls_logits, dist_logits), targets)
+    loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, kind="hard", alpha=0.3)
+    loss, logits, parts = loss_fn(images, (cls_logits, dist_logits), targets)
     base = F.cross_entropy(cls_logits, targets)
     distill = F.cross_entropy(dist_logits, teacher(images).argmax(dim=1))
     torch.testing.assert_close(loss, 0.7 * base + 0.3 * distill)
     torch.testing.assert_close(parts["loss_distill"], distill)
+    torch.testing.assert_close(logits, (cls_logits + dist_logits) / 2)  # what it predicts
 
 
 def test_without_teacher_both_heads_learn_the_labels():
     cls_logits, dist_logits = torch.randn(4, 10), torch.randn(4, 10)
     targets = torch.tensor([0, 1, 2, 3])
-    loss, parts = TrainingLoss(torch.nn.CrossEntropyLoss(), None, alpha=0.5)(
+    loss, _, parts = DistillationLoss(torch.nn.CrossEntropyLoss(), None, alpha=0.5)(
         None, (cls_logits, dist_logits), targets
     )
     expected = 0.5 * F.cross_entropy(cls_logits, targets) + 0.5 * F.cross_entropy(
@@ -108,7 +118,7 @@ def test_without_teacher_both_heads_learn_the_labels():
 
 def test_unknown_distill_type_is_rejected():
     with pytest.raises(UserError, match="none, soft, hard"):
-        TrainingLoss(torch.nn.CrossEntropyLoss(), None, kind="medium")
+        DistillationLoss(torch.nn.CrossEntropyLoss(), None, kind="medium")
 
 
 def fake_vit_train_checkpoint(path, num_classes=10, in_chans=1, img_size=16):

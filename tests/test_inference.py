@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import vit_cli
 from tests.conftest import TINY
 from vit_cli import load_model, predict
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
@@ -316,3 +319,32 @@ def test_help_of_both_tools(tmp_path):
     for name in ("vit-eval", "vit-predict"):
         result = tool(name, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_load_model_imports_neither_the_training_stack_nor_tensorboard(small_checkpoint):
+    code = (
+        "import sys, vit_cli\n"
+        f"model, transform, names = vit_cli.load_model({str(small_checkpoint)!r})\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert "vit_cli.inference" in loaded
+    training = {"vit_cli.trainer", "vit_cli.loop", "vit_cli.components", "vit_cli.sinks"}
+    assert not loaded & training
+    assert not {m for m in loaded if m.split(".")[0] == "tensorboard" or ".tensorboard" in m}
+
+
+def test_no_module_below_the_cli_imports_the_trainer():
+    package = Path(vit_cli.__file__).parent
+    importers = [
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if re.search(
+            r"^\s*(from vit_cli\.trainer |from vit_cli import trainer|import vit_cli\.trainer)",
+            path.read_text(),
+            re.M,
+        )
+    ]
+    assert importers == ["train.py"]

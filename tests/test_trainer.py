@@ -9,11 +9,13 @@ from vit_cli.checkpoint import load_checkpoint
 from vit_cli.data import build_data
 from vit_cli.errors import UserError
 from vit_cli.evaluation import accuracy_counts, evaluate
-from vit_cli.losses import TrainingLoss
+from vit_cli.loop import LoopSettings, TrainState, Updater, train_one_epoch
+from vit_cli.losses import ClassificationLoss
 from vit_cli.models.vit import VisionTransformer
 from vit_cli.precision import resolve_precision
-from vit_cli.run_log import RunLogger
-from vit_cli.trainer import TrainState, fit, train_one_epoch
+from vit_cli.runtime import Runtime
+from vit_cli.sinks import Sinks
+from vit_cli.trainer import fit
 
 
 def test_accuracy_counts_top1_and_top5():
@@ -72,10 +74,12 @@ def test_non_finite_loss_stops_training_after_max_bad_steps(compose_cfg):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     precision = resolve_precision("fp32", torch.device("cpu"))
     state = TrainState()
+    updater = Updater(model, optimizer, scheduler, precision.grad_scaler())
+    settings = LoopSettings(epochs=2, max_steps=None, max_bad_steps=3, log_every_n_steps=10)
     with pytest.raises(UserError, match="for 3 consecutive steps"):
         train_one_epoch(
-            model, data.train_loader, optimizer, scheduler, precision.grad_scaler(), precision,
-            TrainingLoss(torch.nn.CrossEntropyLoss()), torch.device("cpu"), state, cfg, RunLogger(None, enabled=False),
+            model, data.train_loader, ClassificationLoss(torch.nn.CrossEntropyLoss()), updater,
+            precision, Runtime(torch.device("cpu")), state, settings, Sinks([]),
         )  # fmt: skip
     assert state.step == 0
     # No update was applied from a non-finite loss.
@@ -99,14 +103,14 @@ def test_evaluate_is_deterministic_and_in_percent(compose_cfg):
 
 def test_a_step_skipped_for_nan_does_not_repeat_the_epoch(compose_cfg, tmp_path, monkeypatch):
     calls = []
-    real_loss = TrainingLoss.__call__
+    real_loss = ClassificationLoss.__call__
 
     def nan_on_third_batch(self, images, outputs, targets):
-        loss, parts = real_loss(self, images, outputs, targets)
+        loss, logits, parts = real_loss(self, images, outputs, targets)
         calls.append(len(targets))
-        return (loss * math.nan if len(calls) == 3 else loss), parts
+        return (loss * math.nan if len(calls) == 3 else loss), logits, parts
 
-    monkeypatch.setattr(TrainingLoss, "__call__", nan_on_third_batch)
+    monkeypatch.setattr(ClassificationLoss, "__call__", nan_on_third_batch)
     fit(compose_cfg(*TINY), tmp_path)
     state = load_checkpoint(tmp_path / "last.pt")["state"]
     batches = 1437 // 32

@@ -9,12 +9,11 @@ TrivialAugment runs torchvision's transform one image at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -292,31 +291,6 @@ def build_batch_augment(
     if not train:
         return BatchAugment(img_size, mean, std)
     return BatchAugment(img_size, mean, std, shift, aug.hflip, auto_augment(aug), aug.erase_prob)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-class RepeatedAugmentSampler(Sampler[int]):
-    """Repeated augmentation (Hoffer et al., 2020; used by DeiT): each drawn index `repeats` times.
-
-    An epoch still yields `n` indices: the first ceil(n / repeats) of a random permutation,
-    each repeated in a row, so the copies share a batch and are augmented independently.
-    The order comes from `generator` alone, which the trainer re-seeds every epoch.
-    """
-
-    def __init__(self, n: int, repeats: int, generator: torch.Generator) -> None:
-        self.n = n
-        self.repeats = repeats
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=self.generator)
-        drawn = order[: math.ceil(self.n / self.repeats)]
-        return iter(drawn.repeat_interleave(self.repeats)[: self.n].tolist())
 
 
 # ----------------------------------------------------------------------------- mixing

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vit_cli.errors import UserError
+from vit_cli.models import build_model, family
 
 FORMAT_VERSION = 1
 # Prefixes added by DistributedDataParallel and torch.compile wrappers.
@@ -136,16 +137,36 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
     unwrap_model(model).load_state_dict(state_dict)
 
 
+def model_from_checkpoint(ckpt: dict, source: str) -> nn.Module:
+    """Rebuild the model a vit-train checkpoint was trained with, and load its weights."""
+    try:
+        model_cfg = dict(ckpt["config"]["model"])
+        data = ckpt["data"]
+        cfg = family(model_cfg["name"]).schema(**model_cfg)
+        img_size, in_chans, num_classes = data["img_size"], data["in_chans"], data["num_classes"]
+    except (KeyError, TypeError) as e:
+        raise UserError(
+            f"Checkpoint {source} lacks the model or data settings needed to rebuild it ({e}). "
+            "It was written by another version of vit-train; retrain or convert it."
+        ) from e
+    model = build_model(cfg, img_size, in_chans, num_classes)
+    load_model_state(model, ckpt["model"], source=source)
+    return model
+
+
 def rng_state() -> dict[str, Any]:
-    """Every RNG the training loop draws from, in types that `weights_only` loading accepts."""
+    """Every RNG this process draws from, in types that `weights_only` loading accepts.
+
+    On CUDA, the generator of this process's own GPU: each process of a job has one.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -155,7 +176,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints: one state per visible GPU
+            cuda = cuda[torch.cuda.current_device()] if cuda else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # What inference reads from a checkpoint, besides its weights.

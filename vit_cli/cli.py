@@ -1,4 +1,4 @@
-"""Console entry points. Hydra composes the config; errors become short messages."""
+"""What the console commands share: short error messages, the model options, typed configs."""
 
 from __future__ import annotations
 
@@ -9,44 +9,55 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.panel import Panel
 
-from vit_cli.config import register_configs
 from vit_cli.errors import UserError
-from vit_cli.host_memory import keep_freed_memory
+from vit_cli.launch import launched_processes, process_title
 
 CONFIG_PATH = "pkg://vit_cli.configs"
 
 
 @contextlib.contextmanager
 def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Iterator[None]:
-    """Print a UserError or Ctrl-C as one panel and exit; HYDRA_FULL_ERROR=1 keeps the trace.
+    """Print a UserError or Ctrl-C as one short message and exit; HYDRA_FULL_ERROR=1 keeps
+    the trace.
 
-    `run_dir` is a training run's, for the hint on how to resume; `tool` titles the panel.
+    `run_dir` is a training run's, for the hint on how to resume; `tool` titles the message.
+    On a terminal the message is a panel; elsewhere (a pipe, a CI or Slurm log) it is plain
+    text, unwrapped. In a job of several processes, the title names the rank, and only the
+    main process prints the hint after Ctrl-C (every process receives it).
     """
-    stderr = Console(stderr=True)
+    rank, _ = launched_processes()
+    title = process_title(tool)
     try:
         yield
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        stderr.print(Panel(str(e), title=f"{tool}: error", border_style="red", expand=False))
+        _print_message(f"{title}: error", str(e), "red")
         sys.exit(2)
     except KeyboardInterrupt:
-        last = run_dir / "last.pt" if run_dir else None
-        if run_dir is None:
-            hint = ""
-        elif last.exists():
-            hint = f" Continue with trainer.resume={last}"
-        else:
-            hint = " No epoch had finished, so no checkpoint was written."
-        stderr.print(Panel(f"Interrupted.{hint}", title=tool, border_style="yellow", expand=False))
+        if rank == 0:
+            last = run_dir / "last.pt" if run_dir else None
+            if run_dir is None:
+                hint = ""
+            elif last.exists():
+                hint = f" Continue with trainer.resume={last}"
+            else:
+                hint = " No epoch had finished, so no checkpoint was written."
+            _print_message(title, f"Interrupted.{hint}", "yellow")
         sys.exit(130)
+
+
+def _print_message(title: str, text: str, style: str) -> None:
+    stderr = Console(stderr=True)
+    if stderr.is_terminal:
+        stderr.print(Panel(text, title=title, border_style=style, expand=False))
+    else:
+        print(f"{title}: {text}", file=sys.stderr)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -63,25 +74,3 @@ def to_train_config(cfg: DictConfig):
     except MissingMandatoryValue as e:
         key = e.full_key
         raise UserError(f"{key} has no value and this config needs one: add {key}=<value>.") from e
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def _train(cfg: DictConfig) -> float:
-    from vit_cli.trainer import fit  # torch and friends load after argument parsing
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with reported_errors(run_dir):
-        result = fit(to_train_config(cfg), run_dir)
-    # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
-    return result.best_acc1
-
-
-def train() -> None:
-    """`vit-train`: train a model from the configs in vit_cli.configs plus overrides."""
-    keep_freed_memory()
-    register_configs()
-    _train()
-
-
-if __name__ == "__main__":
-    train()

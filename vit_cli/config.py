@@ -170,6 +170,9 @@ class TrainerConfig:
     # Recompute each block's activations in the backward pass: less memory, more compute.
     activation_checkpointing: bool = False
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # With several processes (torchrun): how long a collective waits for the others before
+    # the job stops with an error, e.g. when one process died or hangs.
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -222,6 +225,7 @@ def validate(cfg: TrainConfig) -> None:
         ("trainer.label_smoothing", cfg.trainer.label_smoothing,
          0.0 <= cfg.trainer.label_smoothing < 1.0, "in [0, 1)"),
         ("trainer.accumulate", cfg.trainer.accumulate, cfg.trainer.accumulate >= 1, "at least 1"),
+        ("trainer.dist_timeout_s", cfg.trainer.dist_timeout_s, cfg.trainer.dist_timeout_s > 0, "positive"),
         ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, "at least 1"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, "0 or more"),
         ("optimizer.lr", cfg.optimizer.lr, cfg.optimizer.lr > 0, "positive"),
@@ -279,14 +283,14 @@ def _augment_checks(data: DataConfig) -> list[tuple[str, Any, bool, str]]:
     return checks
 
 
-MODEL_SCHEMAS: dict[str, type] = {"vit": ViTConfig, "deit": DeiTConfig, "swin": SwinConfig}
-
-
 def register_configs() -> None:
+    """Store the schemas that the YAML files in configs/ name in their defaults lists."""
+    from vit_cli.models import FAMILIES  # the family registry imports the schemas above
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="schema/model", name=name, node=schema)
+    for name, family in FAMILIES.items():
+        cs.store(group="schema/model", name=name, node=family.schema)
 
 
 def compose_train_config(overrides: list[str]) -> TrainConfig:

@@ -24,15 +24,10 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_and_extract_archive, extract_archive
 
-from vit_cli.augment import (
-    BatchAugment,
-    RepeatedAugmentSampler,
-    build_batch_augment,
-    image_transform,
-    pil_mode,
-)
+from vit_cli.augment import BatchAugment, build_batch_augment, image_transform, pil_mode
 from vit_cli.config import DataConfig
 from vit_cli.errors import UserError
+from vit_cli.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -429,15 +424,24 @@ _BUILDERS = {
 
 
 def build_data(
-    cfg: DataConfig, img_size: int, generator: torch.Generator, pin_memory: bool = False
+    cfg: DataConfig,
+    img_size: int,
+    generator: torch.Generator,
+    pin_memory: bool = False,
+    runtime: Runtime | None = None,
 ) -> DataBundle:
-    """Build train/val loaders at `img_size`. Re-seed `generator` each epoch to fix the order."""
+    """Build train/val loaders at `img_size`. Re-seed `generator` each epoch to fix the order.
+
+    With several processes (`runtime`), each process's loaders read its own share of both
+    splits (`Runtime.train_sampler`, `Runtime.eval_sampler`).
+    """
     if cfg.name not in _BUILDERS:
         raise UserError(f"Unknown data.name={cfg.name!r}. Valid names: {', '.join(DATASETS)}.")
     if len(cfg.mean) != cfg.in_chans or len(cfg.std) != cfg.in_chans:
         raise UserError(
             f"data.mean and data.std need one value per channel (data.in_chans={cfg.in_chans})."
         )
+    runtime = runtime or Runtime(torch.device("cpu"))
     skipped = SkipCounter()
     splits = _BUILDERS[cfg.name](cfg, img_size, skipped)
     if len(splits.class_names) != cfg.num_classes:
@@ -452,14 +456,12 @@ def build_data(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
     )
-    train, repeats = splits.train, cfg.augment.repeats
-    sampler = RepeatedAugmentSampler(len(train), repeats, generator) if repeats > 1 else None
+    train_sampler = runtime.train_sampler(len(splits.train), generator, cfg.augment.repeats)
     train_loader = DataLoader(
-        train,
+        splits.train,
         batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train) > cfg.batch_size,
+        sampler=train_sampler,
+        drop_last=len(train_sampler) > cfg.batch_size,
         generator=generator,
         collate_fn=Collate(
             build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True), shape
@@ -469,7 +471,7 @@ def build_data(
     val_loader = DataLoader(
         splits.val,
         batch_size=cfg.eval_batch_size or cfg.batch_size,
-        shuffle=False,
+        sampler=runtime.eval_sampler(len(splits.val)),
         collate_fn=Collate(
             build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False), shape
         ),

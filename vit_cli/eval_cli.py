@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> dict:
     from vit_cli.data import ImageFiles, build_data
     from vit_cli.evaluation import evaluate
     from vit_cli.inference import model_of, read_for_inference, trained_precision
-    from vit_cli.trainer import resolve_device
+    from vit_cli.models import two_heads
+    from vit_cli.models.deit import BothHeads
+    from vit_cli.runtime import resolve_device
 
     path = Path(args.checkpoint).expanduser()
     ckpt = read_for_inference(path)
@@ -175,7 +177,10 @@ def run(args: argparse.Namespace) -> dict:
 
     tally = Tally(len(class_names))
     start = time.perf_counter()
-    metrics = evaluate(model, data.val_loader, precision, device, observe=tally)
+    # Scored as vit-train scores val: a DeiT student through both heads, and their average.
+    heads = two_heads(model)
+    scored = BothHeads(model) if heads else model
+    metrics = evaluate(scored, data.val_loader, precision, device, heads, observe=tally)
     seconds = time.perf_counter() - start
     images = len(tally.rows)
     per_class_total = tally.confusion.sum(dim=1)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vit_cli.checkpoint import unwrap_model
 from vit_cli.errors import UserError
 from vit_cli.precision import Precision
 
@@ -25,36 +24,26 @@ def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, 
     return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
-def merged_logits(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """A two-headed (DeiT) output predicts with the average of its heads, as at test time."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    cls_logits, dist_logits = outputs
-    return (cls_logits + dist_logits) / 2
-
-
-def model_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor | tuple:
-    """Logits for `images`; both heads' for a DeiT student (`forward_heads`), in any mode."""
-    forward_heads = getattr(unwrap_model(model), "forward_heads", None)
-    return forward_heads(images) if forward_heads else model(images)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
     precision: Precision,
     device: torch.device,
+    two_heads: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     observe: BatchObserver | None = None,
 ) -> dict[str, float]:
     """Val loss (plain cross-entropy), top-1 and top-5 accuracy in percent.
 
-    For a DeiT student, `acc1` is that of the averaged heads (its prediction), and
-    `acc1_cls` and `acc1_dist` are those of each head alone. `observe`, when given, sees
-    every batch's logits and targets (vit-eval builds its confusion matrix from them).
+    `model` returns logits; with `two_heads` it returns a DeiT student's two heads
+    (`BothHeads`), and then `acc1` is that of their average (its prediction), and `acc1_cls`
+    and `acc1_dist` those of each head alone. With several processes, each scores its own
+    share of the val set and `reduce` (`Runtime.sum`) adds up the counts of all of them, so
+    every image counts once. `observe`, when given, sees every batch's logits and targets
+    (vit-eval builds its confusion matrix from them).
     """
     model.eval()
-    two_heads = False
     total_loss, count = 0.0, 0
     hits = {"acc1": 0, "acc5": 0, "acc1_cls": 0, "acc1_dist": 0}
     for images, targets in loader:
@@ -65,19 +54,24 @@ def evaluate(
             targets.to(device, non_blocking=True),
         )
         with precision.autocast():
-            outputs = model_outputs(model, images)
-        logits = merged_logits(outputs).float()
+            outputs = model(images)
+        if two_heads:
+            cls_logits, dist_logits = outputs
+            hits["acc1_cls"] += accuracy_counts(cls_logits, targets, (1,))[0]
+            hits["acc1_dist"] += accuracy_counts(dist_logits, targets, (1,))[0]
+            outputs = (cls_logits + dist_logits) / 2
+        logits = outputs.float()
         total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
         c1, c5 = accuracy_counts(logits, targets, (1, 5))
         hits["acc1"] += c1
         hits["acc5"] += c5
-        if isinstance(outputs, tuple):
-            two_heads = True
-            hits["acc1_cls"] += accuracy_counts(outputs[0], targets, (1,))[0]
-            hits["acc1_dist"] += accuracy_counts(outputs[1], targets, (1,))[0]
         if observe is not None:
             observe(logits, targets)
         count += len(targets)
+    if reduce is not None:
+        totals = reduce(torch.tensor([total_loss, count, *hits.values()], dtype=torch.float64))
+        total_loss, count = float(totals[0]), int(totals[1])
+        hits = {k: int(v) for k, v in zip(hits, totals[2:].tolist(), strict=True)}
     if count == 0:
         raise UserError("The val data holds no readable images, so there is nothing to score.")
     if not two_heads:

@@ -20,14 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vit_cli.augment import build_batch_augment, image_transform
-from vit_cli.checkpoint import check_inference_fields, load_checkpoint
+from vit_cli.checkpoint import check_inference_fields, load_checkpoint, model_from_checkpoint
 from vit_cli.config import AugmentConfig
 from vit_cli.data import UNREADABLE, read_image
 from vit_cli.errors import UserError
-from vit_cli.evaluation import merged_logits, model_outputs
-from vit_cli.models import model_from_checkpoint
 from vit_cli.precision import Precision, resolve_precision
-from vit_cli.trainer import resolve_device
+from vit_cli.runtime import resolve_device
 
 ImageInput = Image.Image | torch.Tensor
 
@@ -137,7 +135,7 @@ def top_predictions(
 ) -> list[list[Prediction]]:
     """Softmax top-k of a normalised batch; a DeiT's two heads are averaged, as in eval."""
     with precision.autocast():
-        logits = merged_logits(model_outputs(model, images)).float()  # (B, K)
+        logits = model(images).float()  # (B, K)
     probs, indices = logits.softmax(dim=1).topk(min(topk, logits.shape[1]), dim=1)  # (B, k)
     return [
         [Prediction(class_names[i], i, p) for p, i in zip(row_p, row_i, strict=True)]

@@ -52,12 +52,29 @@ def hard_distillation_loss(
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
 
 
-class TrainingLoss:
-    """The loss of one training batch, with its named components for logging.
+# What a training loss returns: the loss, the logits the model predicts with (B, K), for
+# the running train accuracy, and named parts of the loss to log.
+LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
-    A single-head model is trained on the labels with `base`. A two-headed DeiT student
-    mixes `(1 - alpha) * base(class head, labels) + alpha * distillation(dist head)`, where
-    the distillation target is the teacher's output on the same augmented batch. With no
+
+class ClassificationLoss:
+    """The loss of a single-head model: `base` on its logits (cross-entropy, or the soft
+    target cross-entropy of Mixup/CutMix)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+
+    def __call__(
+        self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> LossOutput:
+        return self.base(logits, targets), logits, {}
+
+
+class DistillationLoss:
+    """The loss of a DeiT student from both heads' logits (`BothHeads`), for logging in parts.
+
+    `(1 - alpha) * base(class head, labels) + alpha * distillation(dist head)`, where the
+    distillation target is the teacher's output on the same augmented batch. With no
     teacher, the distillation head is trained on the labels too (this is not distillation).
 
     With Mixup/CutMix, `targets` are the mixed soft targets (B, K) and `base` a
@@ -86,12 +103,10 @@ class TrainingLoss:
     def __call__(
         self,
         images: torch.Tensor,
-        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        heads: tuple[torch.Tensor, torch.Tensor],
         targets: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if isinstance(outputs, torch.Tensor):
-            return self.base(outputs, targets), {}
-        cls_logits, dist_logits = outputs
+    ) -> LossOutput:
+        cls_logits, dist_logits = heads
         base_loss = self.base(cls_logits, targets)
         if self.teacher is None:
             distill_loss = self.base(dist_logits, targets)
@@ -104,4 +119,5 @@ class TrainingLoss:
             else:
                 distill_loss = hard_distillation_loss(dist_logits, teacher_logits)
         loss = (1 - self.alpha) * base_loss + self.alpha * distill_loss
-        return loss, {"loss_base": base_loss.detach(), "loss_distill": distill_loss.detach()}
+        parts = {"loss_base": base_loss.detach(), "loss_distill": distill_loss.detach()}
+        return loss, (cls_logits + dist_logits) / 2, parts

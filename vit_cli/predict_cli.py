@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         read_for_inference,
         trained_precision,
     )
-    from vit_cli.trainer import resolve_device
+    from vit_cli.runtime import resolve_device
 
     paths = expand_inputs(args.inputs)
     ckpt = read_for_inference(args.checkpoint)

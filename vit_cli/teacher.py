@@ -10,10 +10,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from vit_cli.checkpoint import load_checkpoint, load_model_state
+from vit_cli.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint
 from vit_cli.config import TeacherConfig
 from vit_cli.errors import UserError
-from vit_cli.models import model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,25 @@
-"""Model registry: `build_model` turns a model config into a module, by its `name`."""
+"""Model families: one registry from a family's name to its config schema and its builder.
+
+`configs/model/*.yaml` name a family (`name: vit`); Hydra checks the YAML against that
+family's schema, and `build_model` calls its builder. Adding a family is one entry here, one
+module under `models/` and one YAML. The model modules (and torch) load when a model is
+built, so that composing a config (`vit-train --help`, a misspelt key) stays fast.
+
+Every model's `forward` returns logits (B, num_classes). A DeiT student also has two heads,
+which `forward_heads` returns when training needs them (`two_heads`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from vit_cli.checkpoint import load_model_state
-from vit_cli.config import MODEL_SCHEMAS, DeiTConfig, SwinConfig, ViTConfig
+from vit_cli.config import DeiTConfig, SwinConfig, ViTConfig
 from vit_cli.errors import UserError
-from vit_cli.models.deit import DistilledVisionTransformer
-from vit_cli.models.swin import SwinTransformer
-from vit_cli.models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _vit_kwargs(cfg: ViTConfig, img_size: int, in_chans: int, num_classes: int) -> dict:
@@ -33,15 +40,22 @@ def _vit_kwargs(cfg: ViTConfig, img_size: int, in_chans: int, num_classes: int) 
 
 
 def build_vit(cfg: ViTConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
+    from vit_cli.models.vit import VisionTransformer
+
     return VisionTransformer(**_vit_kwargs(cfg, img_size, in_chans, num_classes))
 
 
 def build_deit(cfg: DeiTConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
+    from vit_cli.models.deit import DistilledVisionTransformer
+    from vit_cli.models.vit import VisionTransformer
+
     model_cls = DistilledVisionTransformer if cfg.distilled else VisionTransformer
     return model_cls(**_vit_kwargs(cfg, img_size, in_chans, num_classes))
 
 
 def build_swin(cfg: SwinConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
+    from vit_cli.models.swin import SwinTransformer
+
     return SwinTransformer(
         img_size=img_size,
         patch_size=cfg.patch_size,
@@ -61,21 +75,30 @@ def build_swin(cfg: SwinConfig, img_size: int, in_chans: int, num_classes: int) 
     )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "vit": build_vit,
-    "deit": build_deit,
-    "swin": build_swin,
+@dataclass(frozen=True)
+class ModelFamily:
+    schema: type  # the dataclass its YAML is checked against
+    build: Callable[..., nn.Module]  # (cfg, img_size, in_chans, num_classes) -> model
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "vit": ModelFamily(ViTConfig, build_vit),
+    "deit": ModelFamily(DeiTConfig, build_deit),
+    "swin": ModelFamily(SwinConfig, build_swin),
 }
+
+
+def family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise UserError(f"Unknown model.name={name!r}. Valid names: {', '.join(sorted(FAMILIES))}.")
+    return FAMILIES[name]
 
 
 def build_model(cfg, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
     """Build the model named by `cfg.name`; invalid sizes become a UserError naming them."""
-    if cfg.name not in MODELS:
-        raise UserError(
-            f"Unknown model.name={cfg.name!r}. Valid names: {', '.join(sorted(MODELS))}."
-        )
+    build = family(cfg.name).build
     try:
-        return MODELS[cfg.name](cfg, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        return build(cfg, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
     except ValueError as e:
         raise UserError(
             f"Cannot build model {cfg.name} with {asdict(cfg)} at img_size={img_size}: {e}. "
@@ -83,19 +106,8 @@ def build_model(cfg, img_size: int, in_chans: int, num_classes: int) -> nn.Modul
         ) from e
 
 
-def model_from_checkpoint(ckpt: dict, source: str) -> nn.Module:
-    """Rebuild the model a vit-train checkpoint was trained with, and load its weights."""
-    try:
-        model_cfg = dict(ckpt["config"]["model"])
-        data = ckpt["data"]
-        schema = MODEL_SCHEMAS[model_cfg["name"]]
-        cfg = schema(**model_cfg)
-        img_size, in_chans, num_classes = data["img_size"], data["in_chans"], data["num_classes"]
-    except (KeyError, TypeError) as e:
-        raise UserError(
-            f"Checkpoint {source} lacks the model or data settings needed to rebuild it ({e}). "
-            "It was written by another version of vit-train; retrain or convert it."
-        ) from e
-    model = build_model(cfg, img_size, in_chans, num_classes)
-    load_model_state(model, ckpt["model"], source=source)
-    return model
+def two_heads(model: nn.Module) -> bool:
+    """Whether `model` is a DeiT student, with a class head and a distillation head."""
+    from vit_cli.models.deit import DistilledVisionTransformer
+
+    return isinstance(model, DistilledVisionTransformer)

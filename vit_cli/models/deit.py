@@ -2,9 +2,10 @@
 
 Touvron et al., "Training data-efficient image transformers & distillation through
 attention", ICML 2021. A second learned token, with its own position embedding and its own
-linear head, is appended after the class token. During training the two heads are returned
-separately (the class head learns from the labels, the distillation head from a teacher);
-at test time their softmax inputs are averaged, as in the paper.
+linear head, is appended after the class token. The class head learns from the labels and
+the distillation head from a teacher, so training asks for both (`forward_heads`); the
+model predicts with the average of their softmax inputs, as in the paper (`forward`, in
+train and eval mode alike).
 """
 
 from __future__ import annotations
@@ -40,13 +41,24 @@ class DistilledVisionTransformer(VisionTransformer):
         return self.head(features[:, 0]), self.head_dist(features[:, 1])
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both heads' logits for images x, in train and in eval mode alike."""
+        """Both heads' logits for images x: what distillation trains."""
         return self.split_heads(self.forward_features(x))
 
-    def forward_head(
-        self, features: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         cls_logits, dist_logits = self.split_heads(features)
-        if self.training:
-            return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+
+class BothHeads(nn.Module):
+    """A DeiT student whose `forward` returns both heads' logits (`forward_heads`).
+
+    Distillation trains through this view: DistributedDataParallel and torch.compile wrap a
+    module's `forward`, so the call that training makes has to be one.
+    """
+
+    def __init__(self, student: DistilledVisionTransformer) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.student.forward_heads(x)

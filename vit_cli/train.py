@@ -1,0 +1,62 @@
+"""`vit-train`: Hydra composes the config, and `trainer.fit` trains it.
+
+Run as `vit-train <overrides>`, `python -m vit_cli.train <overrides>`, or in several
+processes with `torchrun --nproc_per_node=N -m vit_cli.train <overrides>`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from vit_cli.cli import CONFIG_PATH, reported_errors, to_train_config
+from vit_cli.config import register_configs
+from vit_cli.errors import UserError
+from vit_cli.host_memory import keep_freed_memory
+from vit_cli.launch import hydra_overrides_for_this_process, launched_processes
+
+_ONE_JOB_PER_TORCHRUN = (
+    "vit-train -m runs a sweep of jobs one after another, and a torchrun job is one run: "
+    "start one torchrun per configuration (README: Multi-GPU and multi-node)."
+)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _train(cfg: DictConfig) -> float:
+    # torch and friends load after argument parsing, so that --help and typos answer fast.
+    from vit_cli.runtime import start_runtime
+    from vit_cli.trainer import fit
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _, world_size = launched_processes()
+    with reported_errors(run_dir):
+        if world_size > 1 and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UserError(_ONE_JOB_PER_TORCHRUN)
+        train_cfg = to_train_config(cfg)
+        with start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime:
+            # One run folder for the whole job: the main process's.
+            run_dir = runtime.broadcast(run_dir)
+            result = fit(train_cfg, run_dir, runtime)
+    # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
+    return result.best_acc1
+
+
+def main() -> None:
+    """`vit-train`: train a model from the configs in vit_cli.configs plus overrides."""
+    keep_freed_memory()
+    register_configs()
+    _, world_size = launched_processes()
+    if world_size > 1 and ("-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]):
+        with reported_errors():
+            raise UserError(_ONE_JOB_PER_TORCHRUN)
+    sys.argv += hydra_overrides_for_this_process()
+    _train()
+
+
+if __name__ == "__main__":
+    main()
