@@ -6,8 +6,14 @@ steps, then timed windows in which the models take turns (the order rotates each
 so a change in machine load hits all of them alike. Figures are medians over windows;
 against timm we also report the median of the per-round (paired) ratios.
 
+With `--nproc N` it measures data parallelism instead: training img/s of N processes under
+torchrun (DistributedDataParallel) against one process, at the same global batch
+(`data.batch_size`, split between the N) and, on the CPU, the same total threads; the
+setups alternate launch by launch and the ratio is printed.
+
 Examples:
     python benchmarks/throughput.py model=vit_tiny data.batch_size=16
+    python benchmarks/throughput.py model=vit_tiny data.batch_size=16 --nproc 2
     python benchmarks/throughput.py model=vit_tiny precision=bf16 data.batch_size=16 --naive-attention
     python benchmarks/throughput.py model=swin_tiny data.batch_size=16 --json outputs/benchmarks/swin.json
     python benchmarks/throughput.py model=vit_base --device cuda --compile --windows 10
@@ -22,8 +28,12 @@ import gc
 import importlib.util
 import json
 import math
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +55,7 @@ from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import Precision, resolve_precision
-from vit_cli.runtime import resolve_device
+from vit_cli.runtime import resolve_device, start_runtime
 
 # timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
 # (embed_dim, depths, num_heads) for Swin.
@@ -93,9 +103,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "vit_cli commands do (vit_cli/host_memory.py)",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel mode: N processes (torchrun, DDP) against one, same global batch",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="with --nproc: threads per process of the N (default: CPU cores / N); the single "
+        "process gets N times as many",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with --nproc: launches of each setup, alternating"
+    )
+    # Internal: one measurement of --nproc mode, in the process (or torchrun job) it runs in.
+    parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 0 or args.windows < 1 or args.steps_per_window < 1:
         parser.error("--windows and --steps-per-window must be positive, --warmup not negative")
+    if (args.nproc is not None and args.nproc < 1) or args.rounds < 1:
+        parser.error("--nproc and --rounds must be at least 1")
     return args
 
 
@@ -500,7 +528,7 @@ def build_candidates(
             "No timm model is known for this config: pass --timm-model NAME. Skipping the peer."
         )
     elif peer_name is not None and importlib.util.find_spec("timm") is None:
-        console.print("timm is not installed (pip install -e '.[bench]'): skipping the peer.")
+        console.print("timm is not installed (pip install -e '.[dev]'): skipping the peer.")
     elif peer_name is not None:
         torch.manual_seed(cfg.seed)
         peer = build_timm_peer(peer_name, cfg.model, img_size, args.in_chans, args.num_classes)
@@ -597,12 +625,161 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     return {"meta": meta, "models": summary}
 
 
+# ----------------------------------------------------------------------------- data parallel
+
+
+def ddp_worker(args: argparse.Namespace) -> None:
+    """Time training steps of this process, alone or as one of a torchrun job (DDP); the main
+    process writes the img/s of every window, over all processes, to `args.ddp_worker`."""
+    if not args.malloc_defaults:
+        keep_freed_memory()
+    cfg = compose_train_config(args.overrides)
+    with start_runtime(args.device or cfg.device, cfg.trainer.dist_timeout_s) as runtime:
+        device = runtime.device
+        precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
+        img_size = cfg.model.img_size or cfg.data.img_size
+        batch_size = cfg.data.batch_size
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, img_size, args.in_chans, args.num_classes).to(device)
+        step_model = runtime.wrap(model)
+        if args.compile:
+            step_model = torch.compile(step_model, mode=args.compile_mode)
+        generator = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+        images = torch.randn(batch_size, args.in_chans, img_size, img_size, generator=generator)
+        labels = torch.randint(args.num_classes, (batch_size,), generator=generator)
+        optimizer = build_optimizer(cfg.optimizer, model)
+        step = make_train_step(
+            step_model, optimizer, precision, images.to(device), labels.to(device)
+        )
+        for _ in range(args.warmup):
+            step()
+        global_batch = batch_size * runtime.world_size
+        img_per_s = []
+        for _ in range(args.windows):
+            seconds, _ = time_window(step, args.steps_per_window, device)
+            img_per_s.append(args.steps_per_window * global_batch / seconds)
+        if runtime.is_main:
+            report = {
+                "img_per_s_windows": img_per_s,
+                "processes": runtime.world_size,
+                "threads_per_process": torch.get_num_threads(),
+                "batch_size": batch_size,
+                "device": device.type,
+            }
+            args.ddp_worker.write_text(json.dumps(report) + "\n")
+
+
+def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
+    """Launch one process and N processes in turn, `--rounds` times each, and compare."""
+    cfg = compose_train_config(args.overrides)
+    nproc, global_batch = args.nproc, cfg.data.batch_size
+    if global_batch % nproc:
+        raise UserError(
+            f"data.batch_size={global_batch} (the global batch) is not divisible by --nproc {nproc}."
+        )
+    device = resolve_device(args.device or cfg.device)
+    cuda = device.type == "cuda"
+    threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    script = [str(Path(__file__).resolve()), *args.overrides, f"--warmup={args.warmup}",
+              f"--windows={args.windows}", f"--steps-per-window={args.steps_per_window}",
+              f"--in-chans={args.in_chans}", f"--num-classes={args.num_classes}"]  # fmt: skip
+    if args.device:
+        script.append(f"--device={args.device}")
+    if args.compile:
+        script += ["--compile", f"--compile-mode={args.compile_mode}"]
+    if args.malloc_defaults:
+        script.append("--malloc-defaults")
+    setups = {
+        "one": ([sys.executable, *script, f"data.batch_size={global_batch}"], threads * nproc),
+        "ddp": (
+            [*torchrun.split(), "--standalone", f"--nproc_per_node={nproc}", *script,
+             f"data.batch_size={global_batch // nproc}"],
+            threads,
+        ),
+    }  # fmt: skip
+    # The host's speed, for figures quoted apart from their ratio: one process, all threads.
+    torch.set_num_threads(threads * nproc)
+    matmul_size = args.matmul_size or (4096 if cuda else 2048)
+    peak = matmul_flops_per_s(matmul_size, torch.float32, device)
+    results: dict[str, list[dict]] = {"one": [], "ddp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for name in ("one", "ddp") if round_ % 2 == 0 else ("ddp", "one"):
+                command, omp_threads = setups[name]
+                out = Path(tmp) / f"{name}{round_}.json"
+                env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
+                done = subprocess.run(
+                    [*command, f"--ddp-worker={out}"], env=env, capture_output=True, text=True
+                )
+                if done.returncode != 0:
+                    raise UserError(
+                        f"the {name} setup failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                    )
+                results[name].append(json.loads(out.read_text()))
+                console.print(
+                    f"round {round_ + 1}: {name} {statistics.median(results[name][-1]['img_per_s_windows']):.1f} img/s"
+                )
+    medians = {
+        name: [statistics.median(r["img_per_s_windows"]) for r in runs]
+        for name, runs in results.items()
+    }
+    summary = {
+        "setups": {
+            name: {
+                "processes": runs[0]["processes"],
+                "threads_per_process": runs[0]["threads_per_process"],
+                "batch_per_process": runs[0]["batch_size"],
+                "img_per_s": statistics.median(medians[name]),
+                "img_per_s_rounds": medians[name],
+            }
+            for name, runs in results.items()
+        },
+        "ratio_of_medians": statistics.median(medians["ddp"]) / statistics.median(medians["one"]),
+        "median_of_paired_ratios": statistics.median(
+            a / b for a, b in zip(medians["ddp"], medians["one"], strict=True)
+        ),
+        "ideal_ratio": float(nproc) if cuda else 1.0,
+        "matmul_tflop_per_s": peak / 1e12,
+        "matmul_size": matmul_size,
+        "global_batch": global_batch,
+        "device": "cuda" if cuda else "cpu",
+        "overrides": args.overrides,
+    }
+    table = Table(
+        caption=f"global batch {global_batch}; img/s: median over {args.rounds} launches of the median of {args.windows} windows"
+    )
+    for column in ("setup", "processes x threads", "batch per process", "train img/s"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for name, label in (("one", "one process"), ("ddp", f"{nproc} processes (DDP)")):
+        entry = summary["setups"][name]
+        table.add_row(
+            label,
+            f"{entry['processes']} x {entry['threads_per_process']}",
+            str(entry["batch_per_process"]),
+            f"{entry['img_per_s']:.1f}",
+        )
+    console.print(table)
+    console.print(
+        f"{device_name(device)}; fp32 matmul {matmul_size}² with {threads * nproc} threads: "
+        f"{peak / 1e9:.0f} GFLOP/s"
+    )
+    ideal = "ideal: N on N GPUs against one" if cuda else "ideal: 1.0 with the same cores"
+    console.print(
+        f"{nproc} processes / one process: {summary['ratio_of_medians']:.3f}x (paired {summary['median_of_paired_ratios']:.3f}x; {ideal})"
+    )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ddp_worker is not None:
+        ddp_worker(args)
+        return 0
     # Wide enough for the table when the output goes to a file or a pipe.
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
-        results = run(args, console)
+        results = run_data_parallel(args, console) if args.nproc else run(args, console)
     except (UserError, HydraException, OmegaConfBaseException) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

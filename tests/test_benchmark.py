@@ -96,3 +96,26 @@ def test_naive_attention_computes_the_same_outputs_as_fused_attention():
     assert all(type(block.attn) is throughput.NaiveAttention for block in naive.blocks)
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(naive(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_data_parallel_mode_compares_two_processes_with_one_at_the_same_global_batch(tmp_path):
+    out = tmp_path / "ddp.json"
+    args = [*TINY_RUN[:6], "data.batch_size=4", "--warmup=1", "--windows=2", "--steps-per-window=1",
+            "--num-classes=10", "--device=cpu", "--nproc=2", "--threads=1", "--rounds=1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, f"--json={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes / one process" in result.stdout
+    report = json.loads(out.read_text())
+    one, ddp = report["setups"]["one"], report["setups"]["ddp"]
+    assert (one["processes"], one["threads_per_process"], one["batch_per_process"]) == (1, 2, 4)
+    assert (ddp["processes"], ddp["threads_per_process"], ddp["batch_per_process"]) == (2, 1, 2)
+    assert all(_positive(x) for x in (one["img_per_s"], ddp["img_per_s"]))
+    assert report["ratio_of_medians"] == pytest.approx(ddp["img_per_s"] / one["img_per_s"])
+    assert report["global_batch"] == 4 and report["ideal_ratio"] == 1.0
