@@ -161,8 +161,11 @@ class Runtime:
             return
         if not self.is_main:
             dist.barrier()
-        yield
-        if self.is_main:
+            yield
+            return
+        try:
+            yield
+        finally:  # on an error too: the others then meet it themselves, or are stopped
             dist.barrier()
 
 
