@@ -17,8 +17,6 @@ from rich.panel import Panel
 from vit_cli.errors import UserError
 from vit_cli.launch import launched_processes, process_title
 
-CONFIG_PATH = "pkg://vit_cli.configs"
-
 
 @contextlib.contextmanager
 def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Iterator[None]:

@@ -26,7 +26,7 @@ from vit_cli.precision import Precision
 from vit_cli.runtime import Runtime
 from vit_cli.sinks import Running, Sink
 
-log = logging.getLogger("vit_cli.trainer")
+log = logging.getLogger(__name__)
 
 Loss = Callable[[torch.Tensor, object, torch.Tensor], LossOutput]
 

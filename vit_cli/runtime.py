@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
-import logging
 import math
 import os
 import warnings
@@ -30,8 +29,6 @@ from torch.utils.data import Sampler
 
 from vit_cli.errors import UserError
 from vit_cli.launch import launched_processes
-
-log = logging.getLogger(__name__)
 
 # Variables torchrun sets for each process it starts.
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-log = logging.getLogger("vit_cli.trainer")
+log = logging.getLogger(__name__)
 console = Console()
 
 Hparams = dict[str, float | int | str | bool]

@@ -14,12 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vit_cli.cli import CONFIG_PATH, reported_errors, to_train_config
+from vit_cli.cli import reported_errors, to_train_config
 from vit_cli.config import register_configs
 from vit_cli.errors import UserError
 from vit_cli.host_memory import keep_freed_memory
 from vit_cli.launch import hydra_overrides_for_this_process, launched_processes
 
+CONFIG_PATH = "pkg://vit_cli.configs"
 _ONE_JOB_PER_TORCHRUN = (
     "vit-train -m runs a sweep of jobs one after another, and a torchrun job is one run: "
     "start one torchrun per configuration (README: Multi-GPU and multi-node)."
