@@ -57,6 +57,16 @@ def test_missing_and_corrupt_checkpoints_give_user_errors(tmp_path):
     garbage.write_text("not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
         load_checkpoint(garbage)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(
+        UserError, match=r"corrupt or not a vit-train checkpoint \(the file is empty\)"
+    ):
+        load_checkpoint(empty)
+    text = tmp_path / "text.pt"
+    text.write_text("hello world\n")
+    with pytest.raises(UserError, match="corrupt or not a vit-train checkpoint"):
+        load_checkpoint(text)
 
 
 class Payload:
@@ -66,8 +76,11 @@ class Payload:
 def test_arbitrary_objects_are_not_unpickled(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "obj": Payload()}, path)
-    with pytest.raises(UserError, match="corrupt or not a vit-train checkpoint"):
+    with pytest.raises(
+        UserError, match="not a vit-train checkpoint: it holds Python objects"
+    ) as info:
         load_checkpoint(path)
+    assert "weights_only" not in str(info.value) and "\x1b" not in str(info.value)
 
 
 def test_incompatible_weights_name_the_keys_and_shapes():

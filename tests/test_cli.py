@@ -49,7 +49,7 @@ def test_train_on_digits_writes_config_log_events_and_checkpoints(run_cli, tmp_p
 
 def test_unknown_model_option_lists_the_valid_ones(run_cli):
     result = run_cli("model=vtt")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Could not find 'model/vtt'" in result.stderr
     assert "vit_tiny" in result.stderr
     assert "Traceback" not in result.stderr
@@ -57,8 +57,15 @@ def test_unknown_model_option_lists_the_valid_ones(run_cli):
 
 def test_misspelt_key_names_the_key(run_cli):
     result = run_cli("trainer.epoch=3")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "trainer.epoch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_value_out_of_range_is_one_message_naming_the_key(run_cli, tmp_path):
+    result = run_cli("trainer.grad_clip=-1")
+    assert result.returncode == 2
+    assert "trainer.grad_clip=-1.0 is invalid: it must be" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*/*.pt"))
 
 
 def test_missing_dataset_root_gets_a_short_message(run_cli, tmp_path):

@@ -1,3 +1,4 @@
+import re
 from importlib.resources import files
 
 import pytest
@@ -84,8 +85,54 @@ def test_unknown_group_option_lists_the_valid_ones(compose_cfg):
         ("data.batch_size=0", "data.batch_size"),
         ("optimizer.lr=-1", "optimizer.lr"),
         ("trainer.label_smoothing=1.5", "trainer.label_smoothing"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip"),  # would reverse the gradient
+        ("scheduler.min_lr=-1", "scheduler.min_lr"),  # would drive the lr negative
+        ("scheduler.min_lr=1", "scheduler.min_lr"),  # above optimizer.lr: a rising "decay"
+        ("model.patch_size=0", "model.patch_size"),
+        ("model.embed_dim=-8", "model.embed_dim"),
+        ("model.depth=0", "model.depth"),
+        ("model.num_heads=0", "model.num_heads"),
+        ("model.mlp_ratio=0", "model.mlp_ratio"),
+        ("model.drop_path_rate=1.5", "model.drop_path_rate"),
+        ("model.drop_rate=-0.1", "model.drop_rate"),
+        ("model.img_size=0", "model.img_size"),
+        ("data.img_size=0", "data.img_size"),
+        ("data.in_chans=0", "data.in_chans"),
+        ("data.num_classes=0", "data.num_classes"),
+        ("data.std=[0]", "data.std"),
+        ("data.eval_batch_size=-3", "data.eval_batch_size"),
+        ("data.train_size=0", "data.train_size"),
+        ("data.split_seed=-1", "data.split_seed"),
+        ("data.augment.randaugment_ops=-1", "data.augment.randaugment_ops"),
+        ("optimizer.eps=0", "optimizer.eps"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+        ("optimizer.betas=[0.9]", "optimizer.betas"),
+        ("optimizer.momentum=1.2", "optimizer.momentum"),
+        ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s"),
+        ("seed=-1", "seed"),
     ],
 )
 def test_out_of_range_values_are_rejected_naming_the_key(compose_cfg, override, key):
-    with pytest.raises(UserError, match=key):
+    with pytest.raises(UserError, match=rf"^{re.escape(key)}=.* is invalid: it must be"):
         validate(compose_cfg(override))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.depths=[2,0,6,2]", "model.depths"),
+        ("model.depths=[]", "model.depths"),
+        ("model.num_heads=[3,6,12]", "model.num_heads"),  # one stage short
+        ("model.window_size=0", "model.window_size"),
+    ],
+)
+def test_out_of_range_swin_values_are_rejected_naming_the_key(compose_cfg, override, key):
+    with pytest.raises(UserError, match=rf"^{re.escape(key)}=.* is invalid"):
+        validate(compose_cfg("model=swin", override))
+
+
+def test_no_clipping_and_every_shipped_config_pass_the_checks(compose_cfg):
+    validate(compose_cfg("trainer.grad_clip=null"))
+    validate(compose_cfg("trainer.grad_clip=0"))
+    for preset in ("digits_best", "vit_cifar10", "deit_tiny_imagenet", "swin_tiny_imagenet"):
+        validate(compose_cfg(f"experiment={preset}", "data.root=/data"))

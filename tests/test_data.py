@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from torchvision import datasets
 
 from vit_cli.config import AugmentConfig, DataConfig
-from vit_cli.data import build_data
+from vit_cli.data import UNREADABLE, UnsupportedImage, build_data, prepare_data, read_image
 from vit_cli.errors import UserError
 
 
@@ -319,25 +320,36 @@ def test_test_archive_batches_unpickle_like_the_official_ones(tmp_path):
     assert entry[b"data"].dtype == np.uint8 and entry[b"data"].shape == (6, 3072)
 
 
-def test_cifar10_loads_from_an_archive_whose_md5_is_not_the_official(tmp_path, caplog):
+def test_cifar10_loads_from_an_archive_whose_md5_is_not_the_official_when_told_to(tmp_path):
     test_images = write_cifar_archive(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="vit_cli.data"):
-        data = build_data(cifar_cfg(tmp_path), 32, torch.Generator())
-    assert "not the official archive" in caplog.text
+    with pytest.raises(UserError, match="not the official archive.*data.check_md5=false"):
+        prepare_data(cifar_cfg(tmp_path))
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+    prepare_data(cifar_cfg(tmp_path, check_md5=False))
+    data = build_data(cifar_cfg(tmp_path), 32, torch.Generator())
     assert len(data.train_loader.dataset) == 30 and len(data.val_loader.dataset) == 6
     assert data.class_names == [f"class{i}" for i in range(10)]
     images, labels = all_batches(data.val_loader)
     # mean 0, std 1: the batches are the stored pixels in [0, 1], channels first.
     torch.testing.assert_close(images, torch.from_numpy(test_images).float() / 255)
     assert labels.tolist() == [0, 1, 2, 3, 4, 5]
-    # The second time, the extracted folder is read directly.
+    # Once extracted, the folder is read directly, and the archive is not needed.
     (tmp_path / "cifar-10-python.tar.gz").unlink()
+    prepare_data(cifar_cfg(tmp_path))
     assert len(build_data(cifar_cfg(tmp_path), 32, torch.Generator()).val_loader.dataset) == 6
+
+
+def test_reading_cifar_never_extracts_an_archive(tmp_path):
+    write_cifar_archive(tmp_path)
+    with pytest.raises(UserError, match="vit-eval reads only data that is in place"):
+        build_data(cifar_cfg(tmp_path, check_md5=False), 32, torch.Generator())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
 
 
 def test_cifar100_loads_fine_labels_and_resizes_to_the_model(tmp_path):
     write_cifar_archive(tmp_path, "cifar100", per_batch=5)
     cfg = cifar_cfg(tmp_path, "cifar100", shift=4, augment=AugmentConfig(hflip=0.5))
+    prepare_data(cifar_cfg(tmp_path, "cifar100", check_md5=False))
     data = build_data(cfg, 48, torch.Generator())
     assert len(data.train_loader.dataset) == 5 and len(data.class_names) == 100
     images, _ = next(iter(data.train_loader))
@@ -346,7 +358,7 @@ def test_cifar100_loads_fine_labels_and_resizes_to_the_model(tmp_path):
 
 def test_cifar_without_archive_and_download_says_where_to_put_it(tmp_path):
     with pytest.raises(UserError) as info:
-        build_data(cifar_cfg(tmp_path, download=False), 32, torch.Generator())
+        prepare_data(cifar_cfg(tmp_path, download=False))
     message = str(info.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
@@ -361,14 +373,120 @@ def test_cifar_download_failure_says_where_to_put_the_archive(tmp_path, monkeypa
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(UserError, match="could not download") as info:
-        build_data(cifar_cfg(tmp_path, download=True), 32, torch.Generator())
+        prepare_data(cifar_cfg(tmp_path, download=True))
     assert f"put cifar-10-python.tar.gz in {tmp_path}" in str(info.value)
     assert not (tmp_path / "cifar-10-python.tar.gz").exists()
 
 
 def test_cifar_folder_missing_a_batch_is_reported(tmp_path):
     write_cifar_archive(tmp_path)
-    build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    prepare_data(cifar_cfg(tmp_path, check_md5=False))
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(UserError, match="lacks data_batch_3. Delete the folder"):
         build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+
+
+@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink"])
+def test_a_malicious_archive_writes_nothing_outside_data_root(tmp_path, attack):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        if attack == "symlink":  # a link out of the folder, then a file written through it
+            link = tarfile.TarInfo("cifar-10-batches-py")
+            link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+            tar.addfile(link)
+            name = "cifar-10-batches-py/data_batch_1"
+        else:
+            name = "../outside/x" if attack == "dotdot" else str(outside / "x")
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    outside.mkdir()
+    if attack == "absolute":  # the "data" filter strips the leading slash: it lands in root
+        prepare_data(cifar_cfg(root, check_md5=False))
+        assert (root / str(outside / "x").lstrip("/")).read_bytes() == b"bad"
+    else:
+        with pytest.raises(UserError, match="tries to write outside"):
+            prepare_data(cifar_cfg(root, check_md5=False))
+    assert list(outside.iterdir()) == []
+
+
+def _cifar_folder_with(tmp_path: Path, batch: bytes) -> Path:
+    write_cifar_archive(tmp_path)
+    prepare_data(cifar_cfg(tmp_path, check_md5=False))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(batch)
+    return tmp_path / "cifar-10-batches-py" / "data_batch_2"
+
+
+def test_a_cifar_batch_of_python_objects_is_refused_naming_the_file(tmp_path):
+    objects = np.array([["hello"] * 3072] * 2, dtype=object)
+    path = _cifar_folder_with(tmp_path, cifar_batch(objects, [0, 1], "labels"))
+    with pytest.raises(UserError, match="object array; CIFAR batches hold numbers") as info:
+        build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    assert str(path) in str(info.value)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    path = _cifar_folder_with(tmp_path, pickle.dumps({"data": Payload()}, protocol=2))
+    with pytest.raises(UserError, match="is not allowed in a CIFAR batch") as info:
+        build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    assert str(path) in str(info.value) and not (tmp_path / "pwned").exists()
+
+
+def test_cifar_labels_out_of_range_are_reported_when_read(tmp_path):
+    images = np.zeros((2, 3, 32, 32), dtype=np.uint8)
+    path = _cifar_folder_with(tmp_path, cifar_batch(images, [3, 10], "labels"))
+    with pytest.raises(UserError, match=r"labels outside 0..9 \(e.g. 10 at row 1\)") as info:
+        build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+    assert str(path) in str(info.value)
+
+
+def test_a_cifar_batch_of_the_wrong_shape_is_a_short_error(tmp_path):
+    images = np.zeros((2, 3, 16, 16), dtype=np.uint8)  # 768 values a row, not 3072
+    buffer = io.BytesIO()
+    entry = {_Py2Str("data"): images.reshape(2, -1), _Py2Str("labels"): [0, 1]}
+    _Py2Pickler(buffer, protocol=2).dump(entry)
+    _cifar_folder_with(tmp_path, buffer.getvalue())
+    with pytest.raises(UserError, match="is not a CIFAR batch.*2 rows of 768 values"):
+        build_data(cifar_cfg(tmp_path), 32, torch.Generator())
+
+
+def test_an_image_folder_root_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "photos.zip").write_bytes(b"PK")
+    with pytest.raises(UserError, match="photos.zip is a file"):
+        build_data(folder_cfg(tmp_path / "photos.zip"), 16, torch.Generator())
+
+
+def test_a_16_bit_grayscale_png_keeps_its_levels_instead_of_clipping_to_white(tmp_path):
+    levels = np.array([[0, 256 * 64, 256 * 128, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # a uint16 array: mode I;16
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode.startswith("I;16")  # what Pillow hands over: 16 bits a pixel
+    gray = np.asarray(read_image(tmp_path / "deep.png", 1, max_pixels=1000))
+    assert gray[0].tolist() == [0, 64, 128, 255]
+    rgb = np.asarray(read_image(tmp_path / "deep.png", 3, max_pixels=1000))
+    assert rgb.shape == (4, 4, 3) and rgb[0, :, 0].tolist() == [0, 64, 128, 255]
+
+
+def test_floating_point_and_oversized_images_are_refused_before_decoding(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(UnsupportedImage, match="floating-point pixels"):
+        read_image(tmp_path / "float.tif", 3, max_pixels=1000)
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    with pytest.raises(UnsupportedImage, match="40x30 = 1,200 pixels, above the limit of 1,000"):
+        read_image(tmp_path / "big.png", 3, max_pixels=1000)
+    assert issubclass(UnsupportedImage, UNREADABLE)  # skipped and counted like a corrupt file
+
+
+def test_an_oversized_image_in_a_folder_is_skipped_and_counted(tmp_path):
+    write_pngs(tmp_path, "train", ["a", "b"], n=2)
+    write_pngs(tmp_path, "val", ["a", "b"], n=2)
+    Image.new("RGB", (200, 200)).save(tmp_path / "train" / "a" / "huge.png")
+    data = build_data(folder_cfg(tmp_path, max_image_pixels=100 * 100), 16, torch.Generator())
+    images, _ = all_batches(data.train_loader)
+    assert len(images) == 4 and data.skipped.take() == 1

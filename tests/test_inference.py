@@ -307,6 +307,9 @@ def test_cli_errors_are_one_panel_with_exit_status_2(small_checkpoint, tmp_path,
         ([str(small_checkpoint), "data=cifar7"], "Valid names"),
         ([str(small_checkpoint), "model.depth=3"], "data=NAME and data.KEY=VALUE"),
         ([str(small_checkpoint), "data.no_such_key=1"], "no_such_key"),
+        ([str(small_checkpoint), "data.batch_size=-3"], "data.batch_size=-3 is invalid"),
+        ([str(small_checkpoint), "--batch-size=0"], "data.eval_batch_size=0 is invalid"),
+        ([str(small_checkpoint), f"--out={small_checkpoint}"], "is a file; name a folder"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             eval_main(args)
@@ -348,3 +351,53 @@ def test_no_module_below_the_cli_imports_the_trainer():
         )
     ]
     assert importers == ["train.py"]
+
+
+def test_vit_eval_never_downloads_or_extracts_what_a_checkpoint_names(
+    small_checkpoint, tmp_path, capsys
+):
+    from tests.test_data import write_cifar_archive
+
+    write_cifar_archive(tmp_path / "data")
+
+    def point_at_the_archive(ckpt: dict) -> None:
+        data = ckpt["config"]["data"]
+        data.update(name="cifar10", root=str(tmp_path / "data"), download=True, check_md5=False)
+
+    path = edited(small_checkpoint, tmp_path, point_at_the_archive)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(path), "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    assert "vit-eval reads only data that is in place" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar-10-python.tar.gz"]
+
+
+def test_load_model_raises_the_projects_error_on_files_that_are_not_checkpoints(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello world\n")
+    for name in ("empty.pt", "text.pt"):
+        with pytest.raises(UserError, match="corrupt or not a vit-train checkpoint"):
+            load_model(tmp_path / name)
+
+
+def test_a_glob_over_a_folder_with_a_symlink_loop_ends_and_names_each_file_once(tmp_path):
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    for name in ("photos/one.png", "photos/a/two.png"):
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    (tmp_path / "photos" / "a" / "up").symlink_to("..")  # photos/a/up/a/up/... forever
+    found = expand_inputs([str(tmp_path / "photos" / "**" / "*.png")])
+    assert found == [tmp_path / "photos" / "a" / "two.png", tmp_path / "photos" / "one.png"]
+    assert expand_inputs([str(tmp_path / "photos" / "*.png")]) == [tmp_path / "photos" / "one.png"]
+
+
+def test_vit_predict_refuses_an_image_above_max_pixels_per_file(small_checkpoint, tmp_path):
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    result = tool(
+        "vit-predict", str(small_checkpoint), str(tmp_path / "big.png"),
+        str(tmp_path / "small.png"), "--json", "--max-pixels=1000", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    big, small = (json.loads(line) for line in result.stdout.splitlines())
+    assert "40x40 = 1,600 pixels, above the limit of 1,000" in big["error"]
+    assert "predictions" in small

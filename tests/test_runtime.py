@@ -195,7 +195,7 @@ def _nan_in_one_process(runtime: Runtime) -> dict:
     """Three epochs-worth of steps on digits where rank 1's loss is NaN on its 3rd batch."""
     from vit_cli.config import DataConfig
     from vit_cli.data import build_data
-    from vit_cli.loop import LoopSettings, TrainState, Updater, train_one_epoch
+    from vit_cli.loop import LoopSettings, TrainState, Updater, epoch_train_figures, train_one_epoch
     from vit_cli.losses import ClassificationLoss
     from vit_cli.models.vit import VisionTransformer
     from vit_cli.precision import resolve_precision
@@ -223,11 +223,12 @@ def _nan_in_one_process(runtime: Runtime) -> dict:
 
     state = TrainState()
     updater = Updater(model, optimizer, scheduler, precision.grad_scaler(), accumulate=2)
-    settings = LoopSettings(epochs=1, max_steps=None, max_bad_steps=3, log_every_n_steps=1)
-    metrics = train_one_epoch(
+    settings = LoopSettings(epochs=1, max_bad_steps=3, log_every_n_steps=1)
+    train_one_epoch(
         step_model, data.train_loader, NanOnce(torch.nn.CrossEntropyLoss()), updater, precision,
         runtime, state, settings, Sinks([]),
     )  # fmt: skip
+    metrics = epoch_train_figures(state, runtime)
     return {
         "state": state,
         "batches": len(data.train_loader),

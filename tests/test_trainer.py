@@ -1,11 +1,12 @@
 import math
+import re
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY
-from vit_cli.checkpoint import load_checkpoint
+from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.data import build_data
 from vit_cli.errors import UserError
 from vit_cli.evaluation import accuracy_counts, evaluate
@@ -75,7 +76,7 @@ def test_non_finite_loss_stops_training_after_max_bad_steps(compose_cfg):
     precision = resolve_precision("fp32", torch.device("cpu"))
     state = TrainState()
     updater = Updater(model, optimizer, scheduler, precision.grad_scaler())
-    settings = LoopSettings(epochs=2, max_steps=None, max_bad_steps=3, log_every_n_steps=10)
+    settings = LoopSettings(epochs=2, max_bad_steps=3, log_every_n_steps=10)
     with pytest.raises(UserError, match="for 3 consecutive steps"):
         train_one_epoch(
             model, data.train_loader, ClassificationLoss(torch.nn.CrossEntropyLoss()), updater,
@@ -116,3 +117,37 @@ def test_a_step_skipped_for_nan_does_not_repeat_the_epoch(compose_cfg, tmp_path,
     batches = 1437 // 32
     assert len(calls) == 2 * batches  # every batch of both epochs once, none twice
     assert (state["epoch"], state["step"], state["epoch_batches"]) == (2, 2 * batches - 1, 0)
+
+
+def test_resuming_with_another_lr_schedule_or_seed_is_refused_naming_each_key(
+    compose_cfg, tmp_path
+):
+    fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
+    resume = f"trainer.resume={tmp_path / 'first' / 'last.pt'}"
+    for overrides, expected in [
+        (["optimizer.lr=1e-3"], "optimizer.lr: checkpoint 0.003, now 0.001"),
+        (["optimizer.weight_decay=0.1"], "optimizer.weight_decay: checkpoint 0.05, now 0.1"),
+        (["scheduler=constant"], "scheduler.name: checkpoint 'cosine', now 'constant'"),
+        (["seed=1"], "seed: checkpoint 0, now 1"),
+        (["trainer.grad_clip=5"], "trainer.grad_clip: checkpoint 1.0, now 5.0"),
+    ]:
+        with pytest.raises(UserError, match="was trained with other settings") as info:
+            fit(compose_cfg(*TINY, resume, *overrides), tmp_path / "second")
+        assert expected in str(info.value)
+        assert not (tmp_path / "second" / "last.pt").exists()
+    # Training for longer is what resuming is for.
+    result = fit(compose_cfg(*TINY, resume, "trainer.epochs=2"), tmp_path / "longer")
+    assert load_checkpoint(tmp_path / "longer" / "last.pt")["state"]["epoch"] == 2
+    assert result.best_epoch >= 1
+
+
+def test_a_checkpoint_without_optimizer_state_or_config_cannot_be_resumed(compose_cfg, tmp_path):
+    fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
+    ckpt = load_checkpoint(tmp_path / "first" / "last.pt")
+    del ckpt["optimizer"]
+    save_checkpoint(ckpt, tmp_path / "no_optimizer.pt")
+    save_checkpoint({**ckpt, "config": "not a config"}, tmp_path / "bad_config.pt")
+    for name, message in [("no_optimizer.pt", "lacks what resuming needs (KeyError: 'optimizer')"),
+                          ("bad_config.pt", "holds no readable config")]:  # fmt: skip
+        with pytest.raises(UserError, match=re.escape(message)):
+            fit(compose_cfg(*TINY, f"trainer.resume={tmp_path / name}"), tmp_path / name[:-3])

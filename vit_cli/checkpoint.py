@@ -9,7 +9,6 @@ import random
 import signal
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +64,19 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` atomically: a crash mid-write leaves the old file intact."""
+def save_checkpoint(state: dict[str, Any], *paths: Path) -> None:
+    """Write `state` to each of `paths` atomically: a crash mid-write leaves the old file
+    intact, and a Ctrl-C waits until every path is written (last.pt, then best.pt)."""
     with _sigint_deferred():
-        _write_atomically(state, path)
+        for path in paths:
+            _write_atomically(state, path)
 
 
 def _write_atomically(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A write killed before (SIGKILL, power loss) can leave its temporary file behind.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -83,6 +87,12 @@ def _write_atomically(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename itself lives in the folder: sync it too, so that it survives a crash.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -94,10 +104,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except pickle.UnpicklingError as e:
         raise UserError(
-            f"Checkpoint {path} is corrupt or not a vit-train checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Use another checkpoint, e.g. best.pt or last.pt."
+            f"Checkpoint {path} is not a vit-train checkpoint: it holds Python objects beyond "
+            "tensors and plain data, which vit_cli never unpickles (they could run code). Use "
+            "a checkpoint written by vit-train."
+        ) from e
+    except Exception as e:  # torch's loader fails in many ways on a file that is not its own
+        reason = "the file is empty" if path.stat().st_size == 0 else type(e).__name__
+        raise UserError(
+            f"Checkpoint {path} is corrupt or not a vit-train checkpoint ({reason}). Use "
+            "another checkpoint, e.g. best.pt or last.pt."
         ) from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(

@@ -16,6 +16,7 @@ from rich.panel import Panel
 
 from vit_cli.errors import UserError
 from vit_cli.launch import launched_processes, process_title
+from vit_cli.stopping import Stopped
 
 
 @contextlib.contextmanager
@@ -37,6 +38,16 @@ def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Ite
             raise
         _print_message(f"{title}: error", str(e), "red")
         sys.exit(2)
+    except Stopped as e:
+        if rank == 0:
+            _print_message(
+                title,
+                f"Stopped by {e.signal_name} after step {e.step}; wrote {e.checkpoint}. Continue "
+                f"with the same command and trainer.resume=auto (with the same hydra.run.dir), "
+                f"or with trainer.resume={e.checkpoint}",
+                "yellow",
+            )
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:
         if rank == 0:
             last = run_dir / "last.pt" if run_dir else None

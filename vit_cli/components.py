@@ -14,7 +14,7 @@ from torch import nn
 
 from vit_cli.augment import MixupCutmix
 from vit_cli.config import TrainConfig
-from vit_cli.data import DataBundle, build_data
+from vit_cli.data import DataBundle, build_data, prepare_data
 from vit_cli.ema import ModelEma
 from vit_cli.errors import UserError
 from vit_cli.loop import LoopSettings, Updater
@@ -59,9 +59,10 @@ def build_components(cfg: TrainConfig, runtime: Runtime) -> Components:
     img_size = cfg.model.img_size or cfg.data.img_size
     generator = torch.Generator()
     with runtime.main_first():  # the main process extracts an archive before others read it
-        data = build_data(
-            cfg.data, img_size, generator, pin_memory=device.type == "cuda", runtime=runtime
-        )
+        prepare_data(cfg.data)
+    data = build_data(
+        cfg.data, img_size, generator, pin_memory=device.type == "cuda", runtime=runtime
+    )
     model = build_model(cfg.model, img_size, data.in_chans, data.num_classes).to(device)
     model.set_grad_checkpointing(cfg.trainer.activation_checkpointing)
     heads = two_heads(model)
@@ -149,7 +150,6 @@ def build_components(cfg: TrainConfig, runtime: Runtime) -> Components:
         teacher=teacher,
         settings=LoopSettings(
             epochs=cfg.trainer.epochs,
-            max_steps=cfg.trainer.max_steps,
             max_bad_steps=cfg.trainer.max_bad_steps,
             log_every_n_steps=cfg.trainer.log_every_n_steps,
         ),

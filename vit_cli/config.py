@@ -96,6 +96,9 @@ class DataConfig:
     root: Optional[str] = None
     # cifar10/cifar100: fetch the archive into data.root when it is not there.
     download: bool = False
+    # cifar10/cifar100: refuse an archive whose md5 is not the official one (false: accept a
+    # subset or a re-packed copy of your own).
+    check_md5: bool = True
     # imagefolder without train/ and val/ subfolders: the share of each class held out for
     # val, drawn with `split_seed` (fixed apart from `seed`, so runs compare on one split).
     val_fraction: float = 0.0
@@ -111,6 +114,8 @@ class DataConfig:
     # Training-time random translation by up to this many pixels, zero padded (pad and
     # crop): the usual augmentation of small images such as digits and CIFAR (0: off).
     shift: int = 0
+    # Image files with more pixels are skipped as unreadable, before they are decoded.
+    max_image_pixels: int = 8192 * 8192
     # Sizes of the synthetic splits of data=fake.
     train_size: int = 1024
     val_size: int = 256
@@ -157,7 +162,12 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     grad_clip: Optional[float] = 1.0
     label_smoothing: float = 0.0
+    # A checkpoint to continue from, or "auto": the run folder's own last.pt when there is
+    # one (else start fresh), so that the same command continues a stopped run.
     resume: Optional[str] = None
+    # Also write last.pt every this many optimizer steps, in the middle of epochs (null: at
+    # the end of each epoch only).
+    checkpoint_every_n_steps: Optional[int] = None
     log_every_n_steps: int = 10
     # Stop with an error after this many consecutive steps whose loss is NaN or inf.
     max_bad_steps: int = 5
@@ -213,74 +223,174 @@ class TrainConfig:
     device: str = "auto"
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Check values that the schema's types cannot, naming the key and the fix."""
-    checks = [
-        ("trainer.epochs", cfg.trainer.epochs, cfg.trainer.epochs >= 1, "at least 1"),
-        ("trainer.max_steps", cfg.trainer.max_steps,
-         cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1, "null or at least 1"),
-        ("trainer.max_bad_steps", cfg.trainer.max_bad_steps, cfg.trainer.max_bad_steps >= 1, "at least 1"),
-        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps,
-         cfg.trainer.log_every_n_steps >= 1, "at least 1"),
-        ("trainer.label_smoothing", cfg.trainer.label_smoothing,
-         0.0 <= cfg.trainer.label_smoothing < 1.0, "in [0, 1)"),
-        ("trainer.accumulate", cfg.trainer.accumulate, cfg.trainer.accumulate >= 1, "at least 1"),
-        ("trainer.dist_timeout_s", cfg.trainer.dist_timeout_s, cfg.trainer.dist_timeout_s > 0, "positive"),
-        ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, "at least 1"),
-        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, "0 or more"),
-        ("optimizer.lr", cfg.optimizer.lr, cfg.optimizer.lr > 0, "positive"),
-        ("optimizer.weight_decay", cfg.optimizer.weight_decay, cfg.optimizer.weight_decay >= 0, "0 or more"),
-        ("distill.alpha", cfg.distill.alpha, 0.0 <= cfg.distill.alpha <= 1.0, "in [0, 1]"),
-        ("distill.tau", cfg.distill.tau, cfg.distill.tau > 0, "positive"),
-        ("scheduler.warmup_epochs", cfg.scheduler.warmup_epochs, cfg.scheduler.warmup_epochs >= 0, "0 or more"),
-    ]  # fmt: skip
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    checks.append(
-        (
-            "trainer.compile_mode",
-            cfg.trainer.compile_mode,
-            cfg.trainer.compile_mode in modes,
-            f"one of {', '.join(modes)}",
-        )
-    )
-    checks += _augment_checks(cfg.data)
-    ema = cfg.trainer.ema.decay
-    checks.append(("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"))
+# (key, value, whether it is valid, what it must be)
+Check = tuple[str, Any, bool, str]
+
+
+def _at_least(key: str, value: Any, low: int) -> Check:
+    return key, value, value >= low, f"at least {low}"
+
+
+def _optional_at_least(key: str, value: Any, low: int) -> Check:
+    return key, value, value is None or value >= low, f"null or at least {low}"
+
+
+def _positive(key: str, value: Any) -> Check:
+    return key, value, value > 0, "positive"
+
+
+def _not_negative(key: str, value: Any) -> Check:
+    return key, value, value >= 0, "0 or more"
+
+
+def _share(key: str, value: Any, one_included: bool = False) -> Check:
+    ok = 0.0 <= value <= 1.0 if one_included else 0.0 <= value < 1.0
+    return key, value, ok, "in [0, 1]" if one_included else "in [0, 1)"
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...]) -> Check:
+    return key, value, value in options, f"one of {', '.join(options)}"
+
+
+def _raise_first_invalid(checks: list[Check]) -> None:
     for key, value, ok, expected in checks:
         if not ok:
             raise UserError(f"{key}={value} is invalid: it must be {expected}.")
 
 
+def validate(cfg: TrainConfig) -> None:
+    """Check every numeric value against its range, naming the key and what it must be."""
+    _raise_first_invalid(
+        [
+            *_model_checks(cfg.model),
+            *_data_checks(cfg.data),
+            *_optimizer_checks(cfg.optimizer),
+            *_scheduler_checks(cfg.scheduler, cfg.optimizer.lr),
+            *_trainer_checks(cfg.trainer),
+            _share("distill.alpha", cfg.distill.alpha, one_included=True),
+            _positive("distill.tau", cfg.distill.tau),
+            # NumPy takes seeds below 2**32; each epoch and process adds to it.
+            ("seed", cfg.seed, 0 <= cfg.seed < 2**31, "in 0..2147483647"),
+        ]
+    )
+
+
+def validate_data(cfg: DataConfig) -> None:
+    """The data checks of `validate`, for the tools that take a data config alone (vit-eval)."""
+    _raise_first_invalid(_data_checks(cfg))
+
+
+def _model_checks(model: Any) -> list[Check]:
+    checks = [
+        _optional_at_least("model.img_size", model.img_size, 1),
+        _at_least("model.patch_size", model.patch_size, 1),
+        _at_least("model.embed_dim", model.embed_dim, 1),
+        _positive("model.mlp_ratio", model.mlp_ratio),
+        _share("model.drop_rate", model.drop_rate),
+        _share("model.attn_drop_rate", model.attn_drop_rate),
+        _share("model.drop_path_rate", model.drop_path_rate),
+    ]
+    if isinstance(model, SwinConfig):
+        depths, heads = model.depths, model.num_heads
+        checks += [
+            ("model.depths", depths, len(depths) >= 1 and min(depths) >= 1,
+             "a list of stage depths, each at least 1"),
+            ("model.num_heads", heads, len(heads) == len(depths) and min(heads, default=0) >= 1,
+             "a list of head counts, each at least 1, one per stage (as model.depths)"),
+            _at_least("model.window_size", model.window_size, 1),
+        ]  # fmt: skip
+    else:
+        checks += [
+            _at_least("model.depth", model.depth, 1),
+            _at_least("model.num_heads", model.num_heads, 1),
+        ]
+    return checks
+
+
+def _data_checks(data: DataConfig) -> list[Check]:
+    return [
+        _at_least("data.img_size", data.img_size, 1),
+        _at_least("data.in_chans", data.in_chans, 1),
+        _at_least("data.num_classes", data.num_classes, 1),
+        ("data.std", data.std, all(v > 0 for v in data.std), "a list of positive values"),
+        _at_least("data.batch_size", data.batch_size, 1),
+        _optional_at_least("data.eval_batch_size", data.eval_batch_size, 1),
+        _not_negative("data.num_workers", data.num_workers),
+        _not_negative("data.shift", data.shift),
+        _at_least("data.max_image_pixels", data.max_image_pixels, 1),
+        _at_least("data.train_size", data.train_size, 1),
+        _at_least("data.val_size", data.val_size, 1),
+        _share("data.val_fraction", data.val_fraction),
+        _not_negative("data.split_seed", data.split_seed),
+        *_augment_checks(data.augment),
+    ]
+
+
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
-def _augment_checks(data: DataConfig) -> list[tuple[str, Any, bool, str]]:
-    aug = data.augment
-    probabilities = ("hflip", "erase_prob", "mix_prob", "mix_switch_prob")
-    checks = [
-        (f"data.augment.{key}", getattr(aug, key), 0.0 <= getattr(aug, key) <= 1.0, "in [0, 1]")
-        for key in probabilities
-    ]
+def _augment_checks(aug: AugmentConfig) -> list[Check]:
     scale, ratio = aug.crop_scale, aug.crop_ratio
-    checks += [
-        ("data.shift", data.shift, data.shift >= 0, "0 or more"),
-        ("data.val_fraction", data.val_fraction, 0.0 <= data.val_fraction < 1.0, "in [0, 1)"),
+    return [
+        *(_share(f"data.augment.{key}", getattr(aug, key), one_included=True)
+          for key in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob")),
         ("data.augment.crop_scale", scale,
          scale is None or (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0),
          "null or [min, max] with 0 < min <= max <= 1"),
         ("data.augment.crop_ratio", ratio, len(ratio) == 2 and 0.0 < ratio[0] <= ratio[1],
          "[min, max] with 0 < min <= max"),
-        ("data.augment.auto_augment", aug.auto_augment, aug.auto_augment in AUTO_AUGMENTS,
-         f"one of {', '.join(AUTO_AUGMENTS)}"),
+        _one_of("data.augment.auto_augment", aug.auto_augment, AUTO_AUGMENTS),
+        _not_negative("data.augment.randaugment_ops", aug.randaugment_ops),
         ("data.augment.randaugment_magnitude", aug.randaugment_magnitude,
          0 <= aug.randaugment_magnitude <= 30, "in 0..30"),
-        ("data.augment.mixup_alpha", aug.mixup_alpha, aug.mixup_alpha >= 0, "0 or more"),
-        ("data.augment.cutmix_alpha", aug.cutmix_alpha, aug.cutmix_alpha >= 0, "0 or more"),
-        ("data.augment.repeats", aug.repeats, aug.repeats >= 1, "at least 1"),
+        _not_negative("data.augment.randaugment_magnitude_std", aug.randaugment_magnitude_std),
+        _not_negative("data.augment.mixup_alpha", aug.mixup_alpha),
+        _not_negative("data.augment.cutmix_alpha", aug.cutmix_alpha),
+        _at_least("data.augment.repeats", aug.repeats, 1),
         ("data.augment.eval_crop_ratio", aug.eval_crop_ratio, 0.0 < aug.eval_crop_ratio <= 1.0,
          "in (0, 1]"),
     ]  # fmt: skip
-    return checks
+
+
+def _optimizer_checks(opt: OptimizerConfig) -> list[Check]:
+    betas = opt.betas
+    return [
+        _positive("optimizer.lr", opt.lr),
+        _not_negative("optimizer.weight_decay", opt.weight_decay),
+        ("optimizer.betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+         "[beta1, beta2], each in [0, 1)"),
+        _positive("optimizer.eps", opt.eps),
+        _share("optimizer.momentum", opt.momentum),
+    ]  # fmt: skip
+
+
+def _scheduler_checks(sched: SchedulerConfig, lr: float) -> list[Check]:
+    return [
+        _not_negative("scheduler.warmup_epochs", sched.warmup_epochs),
+        ("scheduler.min_lr", sched.min_lr, 0.0 <= sched.min_lr <= lr,
+         f"in [0, optimizer.lr={lr:g}]"),
+    ]  # fmt: skip
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
+    ema = trainer.ema.decay
+    return [
+        _at_least("trainer.epochs", trainer.epochs, 1),
+        _optional_at_least("trainer.max_steps", trainer.max_steps, 1),
+        _optional_at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 1),
+        ("trainer.grad_clip", trainer.grad_clip, trainer.grad_clip is None or trainer.grad_clip >= 0,
+         "null or 0 (no clipping), or a positive norm"),
+        _share("trainer.label_smoothing", trainer.label_smoothing),
+        _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
+        _at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
+        _at_least("trainer.accumulate", trainer.accumulate, 1),
+        _one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),
+        ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
+        _positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
+    ]  # fmt: skip
 
 
 def register_configs() -> None:

@@ -12,17 +12,20 @@ import hashlib
 import logging
 import pickle
 import socket
+import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import download_url
 
 from vit_cli.augment import BatchAugment, build_batch_augment, image_transform, pil_mode
 from vit_cli.config import DataConfig
@@ -94,9 +97,35 @@ class SkipCounter:
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def read_image(path: str | Path, in_chans: int) -> Image.Image:
-    """Decode an image file in the model's channels ("L" or "RGB"); raises UNREADABLE."""
+class UnsupportedImage(ValueError):
+    """An image file vit_cli refuses to decode: too many pixels, or a pixel format it would
+    get wrong. One of UNREADABLE, so it is skipped and counted like a corrupt file."""
+
+
+def read_image(path: str | Path, in_chans: int, max_pixels: int) -> Image.Image:
+    """Decode an image file in the model's channels ("L" or "RGB"); raises UNREADABLE.
+
+    An image of more than `max_pixels` is refused before it is decoded (Pillow's own limit,
+    about 179 million, would let a 12,000 x 12,000 PNG take 2.7 GB). 16-bit grayscale keeps
+    its top 8 bits (PIL's own conversion clips it to white); 32-bit integer and floating
+    point images are refused, since their range is unknown.
+    """
     with Image.open(path) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise UnsupportedImage(
+                f"{width}x{height} = {width * height:,} pixels, above the limit of "
+                f"{max_pixels:,} (data.max_image_pixels; vit-predict --max-pixels)"
+            )
+        if image.mode.startswith("I;16"):
+            high_bytes = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+            return Image.fromarray(high_bytes, "L").convert(pil_mode(in_chans))
+        if image.mode in ("I", "F"):
+            kind = "floating-point" if image.mode == "F" else "32-bit integer"
+            raise UnsupportedImage(
+                f"{kind} pixels (PIL mode {image.mode}) have no fixed range; save the image "
+                "with 8 or 16 bits per channel"
+            )
         return image.convert(pil_mode(in_chans))
 
 
@@ -108,10 +137,16 @@ class ImageFiles(Dataset):
     """
 
     def __init__(
-        self, samples: list[tuple[str, int]], in_chans: int, transform, skipped: SkipCounter
+        self,
+        samples: list[tuple[str, int]],
+        in_chans: int,
+        transform,
+        skipped: SkipCounter,
+        max_pixels: int,
     ) -> None:
         self.samples = samples
         self.in_chans = in_chans
+        self.max_pixels = max_pixels
         self.transform = transform
         self.skipped = skipped
         self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
@@ -122,7 +157,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[i]
         try:
-            image = read_image(path, self.in_chans)
+            image = read_image(path, self.in_chans, self.max_pixels)
         except UNREADABLE as e:
             self.skipped.add(path, e)
             self.unreadable[i] = True
@@ -257,6 +292,8 @@ def _imagefolder(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits
     if cfg.root is None:
         raise UserError("data=imagefolder needs data.root=<folder with train/ and val/>.")
     root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={cfg.root} is a file. {_FOLDER_LAYOUT}")
     if not root.is_dir():
         raise UserError(f"data.root={cfg.root} does not exist. {_FOLDER_LAYOUT}")
     has_splits = (root / "train").is_dir() and (root / "val").is_dir()
@@ -288,7 +325,7 @@ def _imagefolder(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits
 
     def dataset(files: dict[str, list[str]], train: bool) -> ImageFiles:
         transform = image_transform(img_size, cfg.in_chans, cfg.augment, train)
-        return ImageFiles(samples(files), cfg.in_chans, transform, skipped)
+        return ImageFiles(samples(files), cfg.in_chans, transform, skipped, cfg.max_image_pixels)
 
     return Splits(dataset(train_files, True), dataset(val_files, False), class_names)
 
@@ -297,11 +334,19 @@ def _imagefolder(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits
 _CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
 
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of numpy arrays and lists) and nothing else.
+def _numeric_dtype(spec, *args) -> np.dtype:
+    """numpy.dtype, for numbers only: an object array would unpickle arbitrary objects."""
+    dtype = np.dtype(spec, *args)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"it holds a {dtype} array; CIFAR batches hold numbers")
+    return dtype
 
-    The batches are Python 2 pickles; allowing only the globals that numpy arrays need
-    keeps a doctored file from running code, as `weights_only` does for checkpoints.
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts of numeric numpy arrays and lists) and nothing else.
+
+    The batches are Python 2 pickles; allowing only the globals that numeric numpy arrays
+    need keeps a doctored file from running code, as `weights_only` does for checkpoints.
     """
 
     ALLOWED = {
@@ -315,22 +360,58 @@ class _BatchUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        if (module, name) == ("numpy", "dtype"):
+            return _numeric_dtype
         return super().find_class(module, name)
 
 
 def _read_batch(path: Path) -> dict:
     with path.open("rb") as f:
-        return _BatchUnpickler(f, encoding="latin1").load()
+        entry = _BatchUnpickler(f, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise ValueError(f"it holds a {type(entry).__name__}, not a dict")
+    return entry
 
 
-def _read_cifar(folder: Path, cls: type[datasets.CIFAR10], train: bool) -> TensorDataset:
+def _read_cifar(
+    folder: Path, cls: type[datasets.CIFAR10], train: bool, num_classes: int
+) -> TensorDataset:
     """The batch files of one split as uint8 images (N, 3, 32, 32) and labels (N,)."""
     images, labels = [], []
     for name, _ in cls.train_list if train else cls.test_list:
-        entry = _read_batch(folder / name)
-        images.append(torch.from_numpy(entry["data"]).view(-1, 3, 32, 32))  # rows: R, G, B planes
-        labels += entry["labels"] if "labels" in entry else entry["fine_labels"]
-    return TensorDataset(torch.cat(images), torch.tensor(labels))
+        path = folder / name
+        try:
+            entry = _read_batch(path)
+            data = entry["data"]
+            batch_labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+                raise ValueError("its data is not a uint8 array of rows")
+            if data.shape[1] != 3 * 32 * 32 or len(batch_labels) != len(data):
+                raise ValueError(
+                    f"{len(data)} rows of {data.shape[1]} values, {len(batch_labels)} labels"
+                )
+            batch_labels = torch.tensor(batch_labels, dtype=torch.long)
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            KeyError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+        ) as e:
+            raise UserError(
+                f"{path} is not a CIFAR batch ({type(e).__name__}: {e}). Delete {folder} and "
+                f"extract {cls.filename} again, or fetch it anew."
+            ) from e
+        bad = (batch_labels < 0) | (batch_labels >= num_classes)
+        if bad.any():
+            raise UserError(
+                f"{path} has labels outside 0..{num_classes - 1} (e.g. {int(batch_labels[bad][0])}"
+                f" at row {int(bad.nonzero()[0])}). Delete {folder} and extract {cls.filename} again."
+            )
+        images.append(torch.from_numpy(data).view(-1, 3, 32, 32))  # rows: R, G, B planes
+        labels.append(batch_labels)
+    return TensorDataset(torch.cat(images), torch.cat(labels))
 
 
 def _md5(path: Path) -> str:
@@ -341,58 +422,95 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_cifar(cls: type[datasets.CIFAR10], root: Path, name: str) -> None:
-    """Download the archive into `root`, or explain where to put it by hand."""
+def _download_cifar(cls: type[datasets.CIFAR10], root: Path, name: str) -> None:
+    """Download the archive into `root` (checked against its md5), or explain where to put it."""
     archive = root / cls.filename
-    where = (
-        f"Download {cls.url} and put {cls.filename} in {root} (the folder data.root names), "
-        "then run again."
-    )
     log.info("downloading %s to %s", cls.url, root)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        download_url(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except (OSError, RuntimeError) as e:  # URLError and timeouts are OSErrors
         archive.unlink(missing_ok=True)  # a partial download would be taken for the archive
         raise UserError(
-            f"data={name}: could not download {cls.url} ({type(e).__name__}: {e}). {where}"
+            f"data={name}: could not download {cls.url} ({type(e).__name__}: {e}). Download "
+            f"{cls.url} and put {cls.filename} in {root} (the folder data.root names), then "
+            "run again."
         ) from e
     finally:
         socket.setdefaulttimeout(previous)
 
 
-def _load_cifar(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits:
-    """CIFAR-10/100 from data.root, held in memory as uint8 (N, 3, 32, 32) tensors.
+def _extract(archive: Path, root: Path) -> None:
+    """Extract a tar archive inside `root` only: Python's "data" filter refuses members with
+    absolute paths or `..`, links that leave the folder, and device files."""
+    if not hasattr(tarfile, "data_filter"):
+        raise UserError(
+            f"This Python ({sys.version.split()[0]}) cannot extract archives safely (tarfile's "
+            f"data filter). Upgrade Python, or extract {archive} into {root} yourself."
+        )
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+    except tarfile.FilterError as e:
+        raise UserError(
+            f"{archive} tries to write outside {root} or holds a link or device ({e}); nothing "
+            "more was extracted. Use the official archive."
+        ) from e
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise UserError(
+            f"{archive} is not a readable tar.gz ({e}). Delete it and download it again."
+        ) from e
 
-    Looks for the extracted folder, then for the archive (extracted here), then downloads
-    when data.download is true. An archive whose md5 is not the official one (a subset, a
-    re-packed copy) is used with a warning: torchvision's own loader would refuse it.
+
+def prepare_data(cfg: DataConfig) -> None:
+    """Put the data in place before `build_data` reads it: what vit-train does, not vit-eval.
+
+    CIFAR: when the extracted folder is missing, extract the archive in data.root (first
+    downloading it when data.download is true). An archive whose md5 is not the official
+    one is refused unless data.check_md5 is false (a subset or a re-packed copy). The other
+    sources read what is there.
     """
+    if cfg.name not in _CIFAR:
+        return
     cls = _CIFAR[cfg.name]
     if cfg.root is None:
         raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
     root = Path(cfg.root).expanduser()
     folder, archive = root / cls.base_folder, root / cls.filename
+    if folder.is_dir():
+        return
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={cfg.root} is a file; it must name a folder.")
+    if not archive.is_file():
+        if not cfg.download:
+            raise UserError(
+                f"data={cfg.name}: neither {folder} nor {archive} exists. Download "
+                f"{cls.url} and put {cls.filename} in {root}, or set data.download=true."
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        _download_cifar(cls, root, cfg.name)
+    if cfg.check_md5 and _md5(archive) != cls.tgz_md5:
+        raise UserError(
+            f"{archive} is not the official archive (its md5 differs from {cls.tgz_md5}). "
+            f"Download {cls.url} again; if you made it yourself (a subset, a re-packed copy), "
+            "set data.check_md5=false."
+        )
+    _extract(archive, root)
+
+
+def _load_cifar(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits:
+    """CIFAR-10/100 from the extracted folder in data.root, held in memory as uint8 tensors."""
+    cls = _CIFAR[cfg.name]
+    if cfg.root is None:
+        raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
+    folder = Path(cfg.root).expanduser() / cls.base_folder
     if not folder.is_dir():
-        if not archive.is_file():
-            if not cfg.download:
-                raise UserError(
-                    f"data={cfg.name}: neither {folder} nor {archive} exists. Download "
-                    f"{cls.url} and put {cls.filename} in {root}, or set data.download=true."
-                )
-            root.mkdir(parents=True, exist_ok=True)
-            _fetch_cifar(cls, root, cfg.name)
-        if not folder.is_dir():
-            if _md5(archive) != cls.tgz_md5:
-                log.warning("%s is not the official archive (md5 differs); using it", archive)
-            try:
-                extract_archive(str(archive), str(root))
-            except (OSError, EOFError, RuntimeError) as e:
-                raise UserError(
-                    f"data={cfg.name}: {archive} is not a readable tar.gz ({e}). Delete it and "
-                    f"download {cls.url} again."
-                ) from e
+        raise UserError(
+            f"data={cfg.name}: {folder} does not exist. vit-train extracts {cls.filename} "
+            "there (and downloads it with data.download=true); vit-eval reads only data "
+            "that is in place."
+        )
     names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -400,14 +518,17 @@ def _load_cifar(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits:
             f"data={cfg.name}: {folder} lacks {', '.join(missing)}. Delete the folder so that "
             f"{cls.filename} is extracted again."
         )
+    meta = folder / cls.meta["filename"]
     try:
-        train, val = _read_cifar(folder, cls, True), _read_cifar(folder, cls, False)
-        class_names = list(_read_batch(folder / cls.meta["filename"])[cls.meta["key"]])
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as e:
+        class_names = [str(n) for n in _read_batch(meta)[cls.meta["key"]]]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
         raise UserError(
-            f"data={cfg.name}: a file in {folder} is not a CIFAR batch ({type(e).__name__}: {e})."
-            f" Delete the folder and {cls.filename} and fetch them again."
+            f"{meta} is not a CIFAR meta file ({type(e).__name__}: {e}). Delete {folder} and "
+            f"extract {cls.filename} again."
         ) from e
+    num_classes = len(class_names)
+    train = _read_cifar(folder, cls, True, num_classes)
+    val = _read_cifar(folder, cls, False, num_classes)
     return Splits(train, val, class_names)
 
 

@@ -150,6 +150,7 @@ def confusion_png(confusion, class_names: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from vit_cli.config import validate_data
     from vit_cli.data import ImageFiles, build_data
     from vit_cli.evaluation import evaluate
     from vit_cli.inference import model_of, read_for_inference, trained_precision
@@ -158,11 +159,16 @@ def run(args: argparse.Namespace) -> dict:
     from vit_cli.runtime import resolve_device
 
     path = Path(args.checkpoint).expanduser()
+    suffix = "_ema" if args.ema else ""
+    out = args.out or path.parent / f"eval_{path.stem}{suffix}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder (it is made when missing).")
     ckpt = read_for_inference(path)
     saved, data_info = ckpt["config"], ckpt["data"]
     data_cfg = eval_data_config(saved, data_info, args.overrides)
     if args.batch_size is not None:
         data_cfg.eval_batch_size = args.batch_size
+    validate_data(data_cfg)
     device = resolve_device(args.device)
     precision = trained_precision(ckpt, device, args.precision)
     model = model_of(ckpt, str(path), args.ema).to(device)
@@ -213,8 +219,6 @@ def run(args: argparse.Namespace) -> dict:
         "confusion_matrix": tally.confusion.tolist(),
     }
 
-    suffix = "_ema" if args.ema else ""
-    out = args.out or path.parent / f"eval_{path.stem}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     confusion_png(tally.confusion, class_names, out / "confusion.png")

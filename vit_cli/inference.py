@@ -7,7 +7,6 @@ checkpoint, so a file classified here is seen exactly as `vit-eval` sees it.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vit_cli.augment import build_batch_augment, image_transform
 from vit_cli.checkpoint import check_inference_fields, load_checkpoint, model_from_checkpoint
-from vit_cli.config import AugmentConfig
+from vit_cli.config import AugmentConfig, DataConfig
 from vit_cli.data import UNREADABLE, read_image
 from vit_cli.errors import UserError
 from vit_cli.precision import Precision, resolve_precision
@@ -51,15 +50,17 @@ class EvalTransform:
         mean: Sequence[float],
         std: Sequence[float],
         eval_crop_ratio: float = 1.0,
+        max_pixels: int = DataConfig.max_image_pixels,
     ) -> None:
         aug = AugmentConfig(eval_crop_ratio=eval_crop_ratio)
         self.img_size, self.in_chans = img_size, in_chans
+        self.max_pixels = max_pixels  # larger image files are refused before decoding
         self.image = image_transform(img_size, in_chans, aug, train=False)
         self.batch = build_batch_augment(aug, img_size, list(mean), list(std), shift=0, train=False)
 
     def read(self, path: str | Path) -> torch.Tensor:
         """One image file as the val loader reads it (`data.read_image`), then `image`."""
-        return self.image(read_image(path, self.in_chans))
+        return self.image(read_image(path, self.in_chans, self.max_pixels))
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """PIL images or tensors (C, H, W) or (B, C, H, W), uint8 or in [0, 1]."""
@@ -81,13 +82,14 @@ class LoadedModel(NamedTuple):
 
 def eval_transform_of(ckpt: dict) -> EvalTransform:
     data = ckpt["data"]
-    augment = ckpt["config"]["data"].get("augment", {})
+    saved = ckpt["config"]["data"]
     return EvalTransform(
         data["img_size"],
         data["in_chans"],
         data["mean"],
         data["std"],
-        augment.get("eval_crop_ratio", 1.0),
+        saved.get("augment", {}).get("eval_crop_ratio", 1.0),
+        saved.get("max_image_pixels", DataConfig.max_image_pixels),
     )
 
 
@@ -172,6 +174,15 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _glob(pattern: Path) -> list[Path]:
+    """Files matching `pattern`, sorted; `**` matches folders at any depth without following
+    symlinked folders, so a link back up the tree cannot make the search endless."""
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if _has_glob(part))
+    anchor = Path(*parts[:first]) if first else Path(".")
+    return sorted(p for p in anchor.glob(str(Path(*parts[first:]))) if p.is_file())
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     """Files named, image files under folders (recursively), and glob matches, in order.
 
@@ -189,9 +200,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         elif path.is_file():
             found = [path]
         elif _has_glob(text):
-            found = sorted(
-                Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()
-            )
+            found = _glob(path)
             what = f"glob {text!r}"
         else:
             raise UserError(f"{text} does not exist. Give image files, folders or a glob pattern.")

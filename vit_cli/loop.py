@@ -7,12 +7,12 @@ knows nothing of config files or ranks: several processes differ only in what th
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ Loss = Callable[[torch.Tensor, object, torch.Tensor], LossOutput]
 
 @dataclass
 class TrainState:
-    """Where training stands; saved in every checkpoint."""
+    """Where training stands; saved in every checkpoint, also in the middle of an epoch."""
 
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps
@@ -45,12 +45,42 @@ class TrainState:
     # a batch of unreadable files): a resumed epoch skips exactly these.
     epoch_batches: int = 0
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for non-finite gradients
+    # The current epoch so far (in a checkpoint: of all processes), so that an epoch resumed
+    # in its middle reports what the uninterrupted epoch reports.
+    epoch_seconds: float = 0.0
+    loss_sum: float = 0.0  # summed over trained images
+    correct: int = 0
+    seen: int = 0
+    part_sums: dict[str, float] = field(default_factory=dict)  # the loss's parts, summed
+    window_loss: float = 0.0  # summed over batches since train/loss was last logged
+    window_batches: int = 0
+
+    def start_epoch(self) -> None:
+        self.epoch_batches, self.epoch_seconds = 0, 0.0
+        self.loss_sum, self.correct, self.seen, self.part_sums = 0.0, 0, 0, {}
+        self.window_loss, self.window_batches = 0.0, 0
+
+    def clear_sums(self) -> None:
+        """Zero the epoch's sums, keeping their names: in every process but the main one,
+        whose checkpointed sums hold those of all processes."""
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.part_sums = dict.fromkeys(self.part_sums, 0.0)
+        self.window_loss, self.window_batches = 0.0, 0
+
+    def totals(self) -> list[float]:
+        """The epoch's sums, in a fixed order, to add up over processes."""
+        return [self.loss_sum, self.correct, self.seen, self.window_loss, self.window_batches,
+                *self.part_sums.values()]  # fmt: skip
+
+    def set_totals(self, totals: list[float]) -> None:
+        self.loss_sum, self.correct, self.seen = totals[0], int(totals[1]), int(totals[2])
+        self.window_loss, self.window_batches = totals[3], int(totals[4])
+        self.part_sums = dict(zip(self.part_sums, totals[5:], strict=True))
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     epochs: int
-    max_steps: int | None  # stop once this many optimizer steps are done
     max_bad_steps: int  # stop after this many consecutive non-finite losses
     log_every_n_steps: int
 
@@ -117,27 +147,25 @@ def train_one_epoch(
     settings: LoopSettings,
     sinks: Sink,
     mixer: MixupCutmix | None = None,
-) -> dict[str, float]:
-    """One pass over `loader`, less the `state.epoch_batches` a resumed epoch already did.
+    pause: Callable[[TrainState], bool] | None = None,
+) -> None:
+    """Train on `loader` from batch `state.epoch_batches` on, until it ends or, after an
+    optimizer step, `pause(state)` is true (a step limit, a checkpoint, a stop signal).
 
     `model` is the module that steps (under DDP and torch.compile when they are on). Each
     optimizer step accumulates gradients over `updater.accumulate` micro-batches; a trailing
     group too small for a full step is dropped, like a partial batch. `mixer` turns each
-    batch into mixed images and soft targets. Returns the epoch's train loss, accuracy (%),
-    throughput (img/s) and loss parts, over all processes.
+    batch into mixed images and soft targets. The epoch's sums so far stay in `state`
+    (`epoch_train_figures` reads them); the loader skips the batches already done by its
+    sampler, without drawing their augmentations.
     """
     model.train()
     device = runtime.device
-    skip = state.epoch_batches
-    loss_sum, correct, seen, micro = 0.0, 0, 0, 0
-    part_sums: dict[str, float] = {}
-    window_loss, window_batches = 0.0, 0
-    start = time.perf_counter()
-    sinks.epoch_started(state.epoch + 1, settings.epochs, len(loader) - skip)
+    micro = 0
+    start = time.perf_counter() - state.epoch_seconds
+    sinks.epoch_started(state.epoch + 1, settings.epochs, len(loader) - state.epoch_batches)
     updater.zero_grad()
-    for images, targets in itertools.islice(loader, skip, None):
-        if settings.max_steps is not None and state.step >= settings.max_steps:
-            break
+    for images, targets in resumed_epoch(loader, state.epoch_batches):
         state.epoch_batches += 1
         empty = len(targets) == 0  # every file of the batch was unreadable (counted by the data)
         loss_value = 0.0
@@ -168,33 +196,34 @@ def train_one_epoch(
         micro += 1
 
         batch = len(targets)
-        loss_sum += loss_value * batch
+        state.loss_sum += loss_value * batch
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets  # mixed: dominant
-        correct += int((logits.argmax(dim=1) == labels).sum())
-        seen += batch
+        state.correct += int((logits.argmax(dim=1) == labels).sum())
+        state.seen += batch
         for name, value in parts.items():
-            part_sums[name] = part_sums.get(name, 0.0) + float(value) * batch
-        window_loss += loss_value
-        window_batches += 1
+            state.part_sums[name] = state.part_sums.get(name, 0.0) + float(value) * batch
+        state.window_loss += loss_value
+        state.window_batches += 1
         if micro < updater.accumulate:
             sinks.batch_done(None)
             continue
         micro = 0
         grad_norm = updater.step(state)
-        elapsed = time.perf_counter() - start
+        state.epoch_seconds = time.perf_counter() - start
         sinks.batch_done(
             Running(
-                loss=loss_sum / seen,
-                acc=correct / seen,
+                loss=state.loss_sum / state.seen,
+                acc=state.correct / state.seen,
                 lr=updater.lr,
-                images_per_s=seen * runtime.world_size / elapsed,
-                parts={name: total / seen for name, total in part_sums.items()},
+                images_per_s=state.seen * runtime.world_size / state.epoch_seconds,
+                parts={name: total / state.seen for name, total in state.part_sums.items()},
             )
         )
         if state.step % settings.log_every_n_steps == 0:
-            window = runtime.sum(torch.tensor([window_loss, window_batches], dtype=torch.float64))
+            window = [state.window_loss, state.window_batches]
+            window_loss, window_batches = runtime.sum(torch.tensor(window, dtype=torch.float64))
             scalars = {
-                "train/loss": float(window[0] / window[1]),
+                "train/loss": float(window_loss / window_batches),
                 "lr": updater.lr,
                 "grad_norm": grad_norm,
             }
@@ -203,19 +232,43 @@ def train_one_epoch(
                 scalars["amp/loss_scale"] = scaler.get_scale()
                 scalars["amp/skipped_steps"] = state.skipped_steps
             sinks.scalars(scalars, state.step)
-            window_loss, window_batches = 0.0, 0
-    elapsed = time.perf_counter() - start
-    counts = torch.tensor([loss_sum, correct, seen, *part_sums.values()], dtype=torch.float64)
-    totals = runtime.sum(counts).tolist()
+            state.window_loss, state.window_batches = 0.0, 0
+        if pause is not None and pause(state):
+            break
+    state.epoch_seconds = time.perf_counter() - start
+
+
+def resumed_epoch(loader: DataLoader, skip_batches: int) -> Iterator:
+    """The loader's batches from number `skip_batches` on. Its sampler starts further on
+    rather than the loader making and dropping those batches, so that their augmentations
+    draw nothing from the random state a resumed run continues from."""
+    loader.sampler.start = skip_batches * loader.batch_size
+    try:
+        yield from loader
+    finally:
+        loader.sampler.start = 0
+
+
+def summed_over_processes(state: TrainState, runtime: Runtime) -> TrainState:
+    """A copy of `state` holding the epoch's sums of all processes: what a checkpoint saves."""
+    summed = dataclasses.replace(state, part_sums=dict(state.part_sums))
+    summed.set_totals(runtime.sum(torch.tensor(state.totals(), dtype=torch.float64)).tolist())
+    return summed
+
+
+def epoch_train_figures(state: TrainState, runtime: Runtime) -> dict[str, float]:
+    """The epoch's train loss, accuracy (%), throughput (img/s) and loss parts, over all
+    processes, from the sums in `state`."""
+    totals = runtime.sum(torch.tensor(state.totals(), dtype=torch.float64)).tolist()
     loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
     if seen == 0:
         return {"loss": float("nan"), "acc": 0.0, "throughput": 0.0}
-    parts_mean = {name: total / seen for name, total in zip(part_sums, totals[3:], strict=True)}
+    parts = {name: total / seen for name, total in zip(state.part_sums, totals[5:], strict=True)}
     return {
         "loss": loss_sum / seen,
         "acc": 100.0 * correct / seen,
-        "throughput": seen / elapsed,
-        **parts_mean,
+        "throughput": seen / max(state.epoch_seconds, 1e-9),
+        **parts,
     }
 
 

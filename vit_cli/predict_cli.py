@@ -45,9 +45,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="processes that read images while the model runs (default: none on the CPU, "
         "where reading between batches is fastest; up to 4 on a GPU)",
     )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="refuse image files with more pixels, before decoding them (default: the "
+        "training run's data.max_image_pixels, 67,108,864)",
+    )
     args = parser.parse_args(argv)
-    for name in ("topk", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("topk", "batch_size", "max_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = trained_precision(ckpt, device, args.precision)
     loaded = loaded_model(ckpt, args.checkpoint, args.ema, device)
+    if args.max_pixels is not None:
+        loaded.transform.max_pixels = args.max_pixels
     results = predict_files(loaded, paths, args.topk, precision, args.batch_size, args.workers)
 
     failed = 0

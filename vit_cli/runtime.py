@@ -261,6 +261,9 @@ class EpochSampler(Sampler[int]):
         self.repeats = repeats
         self.rank = rank
         self.world_size = world_size
+        # Where the next pass starts in this process's share: a resumed epoch skips what it
+        # already trained on (`loop.resumed_epoch`).
+        self.start = 0
 
     def __len__(self) -> int:
         return self.n // self.world_size
@@ -272,7 +275,7 @@ class EpochSampler(Sampler[int]):
         if self.repeats > 1:
             drawn = order[: math.ceil(self.n / self.repeats)]
             order = drawn.repeat_interleave(self.repeats)[: self.n]
-        yield from order[self.rank :: self.world_size][: len(self)].tolist()
+        yield from order[self.rank :: self.world_size][self.start : len(self)].tolist()
 
 
 class ShardSampler(Sampler[int]):

@@ -107,10 +107,12 @@ class Sinks(Sink):
 class TensorBoardSink(Sink):
     """Scalars, every epoch's figures, and the run's HParams row, in the run folder."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        # purge_step: TensorBoard hides what earlier event files in the folder logged from
+        # this step on (a run continued in its own folder after a stop).
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -211,8 +213,8 @@ class ProgressSink(Sink):
             self.progress = None
 
 
-def build_sinks(run_dir: Path, main: bool) -> Sinks:
+def build_sinks(run_dir: Path, main: bool, purge_step: int | None = None) -> Sinks:
     """The sinks of the main process; the other processes of a job report into none."""
     if not main:
         return Sinks([])
-    return Sinks([ProgressSink(), TensorBoardSink(run_dir), TextLogSink()])
+    return Sinks([ProgressSink(), TensorBoardSink(run_dir, purge_step), TextLogSink()])

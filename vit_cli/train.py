@@ -27,8 +27,13 @@ _ONE_JOB_PER_TORCHRUN = (
 )
 
 
+# Whether Hydra got as far as running the task: before it, a failure is in the config.
+_task = {"started": False}
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> float:
+    _task["started"] = True
     # torch and friends load after argument parsing, so that --help and typos answer fast.
     from vit_cli.runtime import start_runtime
     from vit_cli.trainer import fit
@@ -56,7 +61,14 @@ def main() -> None:
         with reported_errors():
             raise UserError(_ONE_JOB_PER_TORCHRUN)
     sys.argv += hydra_overrides_for_this_process()
-    _train()
+    try:
+        _train()
+    except SystemExit as e:
+        # Hydra reports an unknown option, a misspelt key or a wrong type with status 1;
+        # like every other error in a config, it is status 2 here.
+        if e.code == 1 and not _task["started"]:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from vit_cli.components import Components, build_components
 from vit_cli.config import TrainConfig, validate
 from vit_cli.errors import UserError
 from vit_cli.evaluation import evaluate
-from vit_cli.loop import TrainState, train_one_epoch
+from vit_cli.loop import TrainState, epoch_train_figures, summed_over_processes, train_one_epoch
 from vit_cli.runtime import Runtime, resolve_device
 from vit_cli.sinks import EpochReport, RunReport, Sinks, build_sinks
+from vit_cli.stopping import Stopped, StopRequest, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _config_differences(saved: dict, current: dict, prefix: str) -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
-    return diffs
+# What a resumed run must share with its checkpoint: everything that decided the steps
+# already taken. trainer.epochs and max_steps (to train longer), logging, compile, the
+# number of processes and the timeout may change.
+RESUME_MUST_MATCH = (
+    "model", "data", "distill", "optimizer", "scheduler", "precision", "seed",
+    "trainer.grad_clip", "trainer.label_smoothing", "trainer.accumulate", "trainer.ema",
+)  # fmt: skip
 
 
-def _restore(path: str, cfg_dict: dict, c: Components, runtime: Runtime) -> TrainState:
+def _config_differences(saved: object, current: object, key: str) -> list[str]:
+    """`key: checkpoint X, now Y` for each leaf under `key` that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            diff
+            for name in sorted(set(saved) | set(current))
+            for diff in _config_differences(saved.get(name), current.get(name), f"{key}.{name}")
+        ]
+    return [] if saved == current else [f"{key}: checkpoint {saved!r}, now {current!r}"]
+
+
+def _lookup(cfg_dict: dict, key: str) -> object:
+    for part in key.split("."):
+        cfg_dict = cfg_dict.get(part) if isinstance(cfg_dict, dict) else None
+    return cfg_dict
+
+
+def _restore(
+    path: str, cfg_dict: dict, c: Components, runtime: Runtime
+) -> tuple[TrainState, dict[str, float]]:
     """Load a checkpoint for resuming, after checking it was trained with the same setup.
 
     Every process loads the same file; each takes back its own random state, so a run
@@ -71,33 +89,43 @@ def _restore(path: str, cfg_dict: dict, c: Components, runtime: Runtime) -> Trai
     """
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
-    diffs = []
-    for section in ("model", "data", "distill"):
-        diffs += _config_differences(saved.get(section, {}), cfg_dict[section], f"{section}.")
-    if saved.get("optimizer", {}).get("name") != cfg_dict["optimizer"]["name"]:
-        diffs.append(
-            f"optimizer.name: checkpoint {saved.get('optimizer', {}).get('name')!r}, "
-            f"now {cfg_dict['optimizer']['name']!r}"
-        )
+    if not isinstance(saved, dict):
+        raise UserError(f"Checkpoint {path} holds no readable config; it cannot be resumed.")
+    diffs = [
+        diff
+        for key in RESUME_MUST_MATCH
+        for diff in _config_differences(_lookup(saved, key), _lookup(cfg_dict, key), key)
+    ]
     if diffs:
+        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
         raise UserError(
             f"trainer.resume={path} was trained with other settings: "
             + "; ".join(diffs[:6])
-            + ". Resume with the same model, data and optimizer as the original run."
+            + f"{more}. Resume with the settings of the original run (only trainer.epochs, "
+            "trainer.max_steps, logging and compile may change), or start a new run."
         )
     load_model_state(c.model, ckpt["model"], source=path)
-    c.updater.optimizer.load_state_dict(ckpt["optimizer"])
-    c.updater.scheduler.load_state_dict(ckpt["scheduler"])
-    c.updater.scaler.load_state_dict(ckpt["scaler"])
+    try:
+        c.updater.optimizer.load_state_dict(ckpt["optimizer"])
+        c.updater.scheduler.load_state_dict(ckpt["scheduler"])
+        c.updater.scaler.load_state_dict(ckpt["scaler"])
+        rng_states = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        state = TrainState(**ckpt["state"])
+        metrics = dict(ckpt.get("metrics", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(
+            f"Checkpoint {path} lacks what resuming needs ({type(e).__name__}: {e}); it can "
+            "still be scored with vit-eval. Resume from another last.pt, or start a new run."
+        ) from e
     if c.ema is not None and "ema" in ckpt:
         c.ema.load_state_dict(ckpt["ema"], source=path)
     elif c.ema is not None:
         log.warning("%s holds no weight average: trainer.ema starts from its weights", path)
         c.ema.module.load_state_dict(c.model.state_dict())
-    rng_states = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if runtime.rank < len(rng_states):
         set_rng_state(rng_states[runtime.rank])  # else: the fresh seed + rank of this process
-    state = TrainState(**ckpt["state"])
+    if not runtime.is_main:
+        state.clear_sums()  # the main process's checkpointed sums hold everyone's
     saved_world = ckpt.get("distributed", {}).get("world_size", 1)
     if saved_world != runtime.world_size:
         # A resumed epoch skips the samples already seen, counted in the new batches.
@@ -106,42 +134,84 @@ def _restore(path: str, cfg_dict: dict, c: Components, runtime: Runtime) -> Trai
             "%s was written by %d process(es) and resumes in %d: the global batch changes "
             "with it", path, saved_world, runtime.world_size,
         )  # fmt: skip
-    return state
+    return state, metrics
 
 
-def _checkpoint(
-    c: Components,
-    state: TrainState,
-    metrics: dict[str, float],
-    cfg_dict: dict,
-    run_info: dict,
-    rng_states: list[dict],
-) -> dict:
-    updater = c.updater
-    ckpt = {
-        "format_version": FORMAT_VERSION,
-        "model": c.model.state_dict(),
-        "optimizer": updater.optimizer.state_dict(),
-        "scheduler": updater.scheduler.state_dict(),
-        "scaler": updater.scaler.state_dict(),
-        "state": asdict(state),
-        "metrics": metrics,
-        "rng": rng_states[0],
-        "config": cfg_dict,
-        **run_info,
-    }
-    if len(rng_states) > 1:
-        ckpt["rng_ranks"] = rng_states
-    if c.ema is not None:
-        ckpt["ema"] = c.ema.state_dict()
-    return ckpt
+class _Checkpoints:
+    """Writes `last.pt` (and `best.pt`) from the main process, with every process's random
+    state and the epoch's sums of all processes."""
+
+    def __init__(
+        self, c: Components, cfg_dict: dict, run_info: dict, runtime: Runtime, run_dir: Path
+    ) -> None:
+        self.c, self.cfg_dict, self.run_info = c, cfg_dict, run_info
+        self.runtime, self.last = runtime, run_dir / "last.pt"
+        self.best = run_dir / "best.pt"
+
+    def save(self, state: TrainState, metrics: dict[str, float], best: bool = False) -> None:
+        rng_states = self.runtime.gather(rng_state())
+        saved_state = summed_over_processes(state, self.runtime)
+        if not self.runtime.is_main:
+            return
+        c, updater = self.c, self.c.updater
+        ckpt = {
+            "format_version": FORMAT_VERSION,
+            "model": c.model.state_dict(),
+            "optimizer": updater.optimizer.state_dict(),
+            "scheduler": updater.scheduler.state_dict(),
+            "scaler": updater.scaler.state_dict(),
+            "state": asdict(saved_state),
+            "metrics": metrics,
+            "rng": rng_states[0],
+            "config": self.cfg_dict,
+            **self.run_info,
+        }
+        if len(rng_states) > 1:
+            ckpt["rng_ranks"] = rng_states
+        if c.ema is not None:
+            ckpt["ema"] = c.ema.state_dict()
+        save_checkpoint(ckpt, self.last, *([self.best] if best else []))
+
+
+class _Pauses:
+    """When the loop hands back control after an optimizer step: at trainer.max_steps, every
+    trainer.checkpoint_every_n_steps, and on a stop signal that any process received."""
+
+    def __init__(
+        self, stop: StopRequest, runtime: Runtime, max_steps: int | None, every: int | None
+    ) -> None:
+        self.stop, self.runtime = stop, runtime
+        self.max_steps, self.every = max_steps, every
+        self.signum: int | None = None  # the signal all processes stop for
+
+    def __call__(self, state: TrainState) -> bool:
+        (signalled,) = self.runtime.any([self.stop.requested])
+        if signalled:
+            self.signum = next(n for n in self.runtime.gather(self.stop.signum) if n is not None)
+        return (
+            signalled
+            or self.at_max_steps(state)
+            or (self.every is not None and state.step % self.every == 0)
+        )
+
+    def at_max_steps(self, state: TrainState) -> bool:
+        return self.max_steps is not None and state.step >= self.max_steps
+
+
+def _resume_path(resume: str | None, run_dir: Path) -> str | None:
+    """trainer.resume as a checkpoint path: `auto` is the run folder's last.pt, if any."""
+    if resume != "auto":
+        return resume
+    last = run_dir / "last.pt"
+    return str(last) if last.is_file() else None
 
 
 def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitResult:
     """Train `cfg` and write logs and checkpoints into `run_dir`.
 
     `runtime` is this process's place in a job of several (`runtime.start_runtime`); by
-    default, one process on the device `cfg.device` names.
+    default, one process on the device `cfg.device` names. On SIGTERM or SIGUSR1 the run
+    finishes its optimizer step, writes `last.pt` and raises `Stopped`.
     """
     validate(cfg)
     t0 = time.perf_counter()
@@ -151,12 +221,12 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
     seed_everything(cfg.seed + runtime.rank)
     c = build_components(cfg, runtime)
     data = c.data
-    state = TrainState()
-    if cfg.trainer.resume:
-        state = _restore(cfg.trainer.resume, cfg_dict, c, runtime)
-        log.info(
-            "resumed from %s at epoch %d, step %d", cfg.trainer.resume, state.epoch, state.step
-        )
+    state, metrics = TrainState(), {}
+    had_events = any(run_dir.glob("events.out.tfevents.*"))
+    resume = _resume_path(cfg.trainer.resume, run_dir)
+    if resume:
+        state, metrics = _restore(resume, cfg_dict, c, runtime)
+        log.info("resumed from %s at epoch %d, step %d", resume, state.epoch, state.step)
     global_batch = cfg.data.batch_size * runtime.world_size * cfg.trainer.accumulate
     run_info = {
         "data": {
@@ -189,59 +259,68 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
             "no teacher (distill.type=%s): both heads train on the labels; this is not distillation",
             cfg.distill.type,
         )
-    sinks = build_sinks(run_dir, runtime.is_main)
-    metrics: dict[str, float] = {}
-    try:
-        if distilling:
-            teacher_val = evaluate(
-                c.teacher, data.val_loader, c.precision, runtime.device, reduce=runtime.sum
+    checkpoints = _Checkpoints(c, cfg_dict, run_info, runtime, run_dir)
+    # A run continued in its own folder hides what the stopped run logged after its
+    # checkpoint; a fresh run in a folder of a run that never wrote one hides all of it.
+    purge_step = (state.step + 1 if resume else 0) if had_events else None
+    sinks = build_sinks(run_dir, runtime.is_main, purge_step)
+    loader = data.train_loader
+    with stop_on_signals() as stop:
+        pauses = _Pauses(stop, runtime, cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
+        try:
+            if distilling:
+                teacher_val = evaluate(
+                    c.teacher, data.val_loader, c.precision, runtime.device, reduce=runtime.sum
+                )
+                sinks.scalars({"teacher/val_acc1": teacher_val["acc1"]}, state.step)
+                log.info(
+                    "teacher (%s distillation): val acc1 %.2f%%", cfg.distill.type,
+                    teacher_val["acc1"],
+                )  # fmt: skip
+            while state.epoch < cfg.trainer.epochs and not pauses.at_max_steps(state):
+                # A per-epoch seed fixes the data order, so a resumed run sees the same batches.
+                c.generator.manual_seed(cfg.seed + state.epoch)
+                if state.epoch_batches == 0:
+                    state.start_epoch()
+                train_one_epoch(
+                    c.step_model, loader, c.loss_fn, c.updater, c.precision, runtime, state,
+                    c.settings, sinks, c.mixer, pauses,
+                )  # fmt: skip
+                if pauses.signum is not None:
+                    checkpoints.save(state, metrics)
+                    raise Stopped(pauses.signum, checkpoints.last, state.step)
+                if state.epoch_batches < len(loader) and not pauses.at_max_steps(state):
+                    checkpoints.save(state, metrics)  # trainer.checkpoint_every_n_steps
+                    continue
+                metrics, is_best = _end_epoch(c, state, runtime, sinks)
+                checkpoints.save(state, metrics, best=is_best)
+            wall = time.perf_counter() - t0
+            sinks.run_done(
+                RunReport(
+                    hparams={
+                        **_flat_hparams(cfg_dict),
+                        "world_size": runtime.world_size,
+                        "global_batch": global_batch,
+                    },
+                    results={
+                        "hparam/best_acc1": state.best_acc1,
+                        "hparam/final_acc1": metrics.get("val/acc1", 0.0),
+                        **({"hparam/best_ema_acc1": state.best_ema_acc1} if c.ema else {}),
+                    },
+                    summary=_summary(cfg, c, state, metrics, wall, run_dir),
+                )
             )
-            sinks.scalars({"teacher/val_acc1": teacher_val["acc1"]}, state.step)
-            log.info(
-                "teacher (%s distillation): val acc1 %.2f%%", cfg.distill.type, teacher_val["acc1"]
-            )
-        while state.epoch < cfg.trainer.epochs and (
-            cfg.trainer.max_steps is None or state.step < cfg.trainer.max_steps
-        ):
-            metrics, is_best = _run_epoch(cfg.seed, c, state, runtime, sinks)
-            rng_states = runtime.gather(rng_state())
-            if runtime.is_main:
-                ckpt = _checkpoint(c, state, metrics, cfg_dict, run_info, rng_states)
-                save_checkpoint(ckpt, run_dir / "last.pt")
-                if is_best:
-                    save_checkpoint(ckpt, run_dir / "best.pt")
-        wall = time.perf_counter() - t0
-        sinks.run_done(
-            RunReport(
-                hparams={
-                    **_flat_hparams(cfg_dict),
-                    "world_size": runtime.world_size,
-                    "global_batch": global_batch,
-                },
-                results={
-                    "hparam/best_acc1": state.best_acc1,
-                    "hparam/final_acc1": metrics.get("val/acc1", 0.0),
-                    **({"hparam/best_ema_acc1": state.best_ema_acc1} if c.ema else {}),
-                },
-                summary=_summary(cfg, c, state, metrics, wall, run_dir),
-            )
-        )
-    finally:
-        sinks.close()
+        finally:
+            sinks.close()
     return FitResult(state.best_acc1, state.best_epoch, metrics, c.num_params, wall, run_dir)
 
 
-def _run_epoch(
-    seed: int, c: Components, state: TrainState, runtime: Runtime, sinks: Sinks
+def _end_epoch(
+    c: Components, state: TrainState, runtime: Runtime, sinks: Sinks
 ) -> tuple[dict[str, float], bool]:
-    """Train an epoch (or the rest of one), score val, report; returns the epoch's figures
-    by TensorBoard tag, and whether its val top-1 is the best so far."""
-    # A per-epoch seed fixes the data order, so a resumed run sees the same batches.
-    c.generator.manual_seed(seed + state.epoch)
-    train = train_one_epoch(
-        c.step_model, c.data.train_loader, c.loss_fn, c.updater, c.precision, runtime, state,
-        c.settings, sinks, c.mixer,
-    )  # fmt: skip
+    """Score val after an epoch (or the steps up to trainer.max_steps) and report; returns
+    the epoch's figures by TensorBoard tag, and whether its val top-1 is the best so far."""
+    train = epoch_train_figures(state, runtime)
     val = evaluate(
         c.eval_model, c.data.val_loader, c.precision, runtime.device, c.two_heads, runtime.sum
     )

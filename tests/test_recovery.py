@@ -1,0 +1,167 @@
+"""Fault injection: signals and kills in the middle of real vit-train runs, then the same
+command again (`trainer.resume=auto`), which must end exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY, _vit_train_command
+from tests.test_distributed import _child_with_rank, env, torchrun
+from vit_cli.checkpoint import load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# Shift augmentation and drop path on: the random state must resume exactly too.
+ARGS = [*TINY, "trainer.epochs=4", "data.shift=1", "model.drop_path_rate=0.1"]
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before writing {path}"
+
+
+def assert_same_end(run: Path, reference: Path) -> None:
+    """Equal weights, weight average, optimizer state and logged figures (but the clock's)."""
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
+    assert a["state"]["step"] == b["state"]["step"] and a["state"]["epoch"] == b["state"]["epoch"]
+    timeless = {k: v for k, v in b["metrics"].items() if k != "throughput"}
+    assert {k: a["metrics"][k] for k in timeless} == timeless
+    exp_avg = b["optimizer"]["state"][0]["exp_avg"]
+    torch.testing.assert_close(a["optimizer"]["state"][0]["exp_avg"], exp_avg, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(
+        [*_vit_train_command(), *ARGS, "hydra.run.dir=run"],
+        cwd=root, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return root / "run"
+
+
+@pytest.mark.parametrize(
+    ("signum", "delay"), [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.15), (signal.SIGUSR1, 0.4)]
+)
+def test_a_stop_signal_then_the_same_command_ends_where_the_uninterrupted_run_ends(
+    signum, delay, uninterrupted, tmp_path
+):
+    command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto"]
+    proc = start(command, tmp_path)
+    wait_for(tmp_path / "run" / "best.pt", proc)  # a step that is not the first
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr  # 143 for SIGTERM, 138 for SIGUSR1
+    assert f"Stopped by {signum.name} after step" in stderr and "trainer.resume=auto" in stderr
+    stopped = load_checkpoint(tmp_path / "run" / "last.pt")["state"]
+    assert 0 < stopped["step"] < 4 * (1437 // 32)
+
+    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert (
+        f"at epoch {stopped['epoch']}, step {stopped['step']}"
+        in (tmp_path / "run" / "train.log").read_text()
+    )
+    assert_same_end(tmp_path / "run", uninterrupted)
+
+
+def test_sigkill_resumes_from_the_last_step_checkpoint_and_ends_the_same(uninterrupted, tmp_path):
+    command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto",
+               "trainer.checkpoint_every_n_steps=7"]  # fmt: skip
+    proc = start(command, tmp_path)
+    wait_for(tmp_path / "run" / "best.pt", proc)
+    time.sleep(0.2)
+    proc.kill()  # SIGKILL: nothing runs after it
+    proc.communicate(timeout=60)
+    killed_at = load_checkpoint(tmp_path / "run" / "last.pt")["state"]
+    assert killed_at["step"] % 7 == 0 or killed_at["epoch_batches"] == 0
+    (tmp_path / "run" / ".last.pt.left-by-a-killed-write.tmp").write_bytes(b"partial")
+
+    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    assert_same_end(tmp_path / "run", uninterrupted)
+
+
+def test_sigterm_to_one_process_of_two_stops_both_and_the_same_command_ends_the_same(tmp_path):
+    args = [*ARGS, "trainer.epochs=3"]
+    full = subprocess.run(
+        torchrun(2, *args, "hydra.run.dir=full"), cwd=tmp_path, env=env(), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert full.returncode == 0, full.stderr
+
+    command = torchrun(2, *args, "hydra.run.dir=run", "trainer.resume=auto")
+    proc = start(command, tmp_path)
+    wait_for(tmp_path / "run" / "best.pt", proc)
+    os.kill(_child_with_rank(proc.pid, 1), signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "vit-train (rank 0 of 2): Stopped by SIGTERM after step" in stderr
+    assert 0 < load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] < 3 * (1437 // 64)
+
+    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert_same_end(tmp_path / "run", tmp_path / "full")
+
+
+def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(tmp_path):
+    first = subprocess.run(
+        [*_vit_train_command(), *TINY, "trainer.epochs=1", "hydra.run.dir=run"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    second = subprocess.run(
+        [*_vit_train_command(), *TINY, "model.depth=3", "hydra.run.dir=run"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert "already holds" in second.stderr and "trainer.resume=auto" in second.stderr
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before  # config, log, events and checkpoints untouched
+
+    (tmp_path / "a_file").write_text("x")
+    third = subprocess.run(
+        [*_vit_train_command(), *TINY, "hydra.run.dir=a_file"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert third.returncode == 2 and "is a file" in third.stderr
+    assert "Traceback" not in second.stderr + third.stderr
+
+
+class _CtrlCWhilePickled:
+    """Sends this process SIGINT while torch.save writes it, as a user's Ctrl-C would."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return (int, (0,))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ctrl_c_while_last_pt_is_written_still_writes_best_pt(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}, "config": {}, "x": _CtrlCWhilePickled()}, last, best)
+    assert last.is_file() and best.is_file()
