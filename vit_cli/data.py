@@ -504,7 +504,10 @@ def _load_cifar(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits:
     cls = _CIFAR[cfg.name]
     if cfg.root is None:
         raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
-    folder = Path(cfg.root).expanduser() / cls.base_folder
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={cfg.root} is a file; it must name a folder.")
+    folder = root / cls.base_folder
     if not folder.is_dir():
         raise UserError(
             f"data={cfg.name}: {folder} does not exist. vit-train extracts {cls.filename} "

@@ -214,11 +214,11 @@ def start_runtime(device_name: str, timeout_s: float) -> Iterator[Runtime]:
         yield runtime
     except Exception as e:
         if _is_collective_failure(e):
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(
-                f"Process {runtime.label} lost contact with the others "
-                f"({str(e).splitlines()[0][:300]}). Another process of the job stopped or "
-                f"hangs: its own output says why. Collectives wait up to "
-                f"trainer.dist_timeout_s={timeout_s:g} seconds."
+                f"Process {runtime.label} lost contact with the others ({reason}). Another "
+                "process of the job stopped or hangs: its own output says why. Collectives "
+                f"wait up to trainer.dist_timeout_s={timeout_s:g} seconds."
             ) from e
         raise
     finally:
