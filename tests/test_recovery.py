@@ -60,7 +60,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("signum", "delay"), [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.15), (signal.SIGUSR1, 0.4)]
+    ("signum", "delay"),
+    [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.15), (signal.SIGUSR1, 0.4)],
+    ids=["sigterm-at-once", "sigterm-later", "sigusr1-later-still"],
 )
 def test_a_stop_signal_then_the_same_command_ends_where_the_uninterrupted_run_ends(
     signum, delay, uninterrupted, tmp_path

@@ -198,6 +198,27 @@ class _Pauses:
         return self.max_steps is not None and state.step >= self.max_steps
 
 
+def _run_info(cfg: TrainConfig, c: Components, runtime: Runtime) -> dict:
+    """What every checkpoint records besides the state: what inference needs to read images
+    as the model saw them, and the batch sizes of the job."""
+    return {
+        "data": {
+            "class_names": c.data.class_names,
+            "num_classes": c.data.num_classes,
+            "in_chans": c.data.in_chans,
+            "img_size": c.img_size,
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+        },
+        "distributed": {
+            "world_size": runtime.world_size,
+            "batch_size": cfg.data.batch_size,
+            "accumulate": cfg.trainer.accumulate,
+            "global_batch": cfg.data.batch_size * runtime.world_size * cfg.trainer.accumulate,
+        },
+    }
+
+
 def _resume_path(resume: str | None, run_dir: Path) -> str | None:
     """trainer.resume as a checkpoint path: `auto` is the run folder's last.pt, if any."""
     if resume != "auto":
@@ -227,23 +248,8 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
     if resume:
         state, metrics = _restore(resume, cfg_dict, c, runtime)
         log.info("resumed from %s at epoch %d, step %d", resume, state.epoch, state.step)
-    global_batch = cfg.data.batch_size * runtime.world_size * cfg.trainer.accumulate
-    run_info = {
-        "data": {
-            "class_names": data.class_names,
-            "num_classes": data.num_classes,
-            "in_chans": data.in_chans,
-            "img_size": c.img_size,
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-        },
-        "distributed": {
-            "world_size": runtime.world_size,
-            "batch_size": cfg.data.batch_size,
-            "accumulate": cfg.trainer.accumulate,
-            "global_batch": global_batch,
-        },
-    }
+    run_info = _run_info(cfg, c, runtime)
+    global_batch = run_info["distributed"]["global_batch"]
     log.info(
         "model %s: %.2fM parameters, img_size %d, %d classes; device %s, precision %s; run dir %s",
         cfg.model.name, c.num_params / 1e6, c.img_size, data.num_classes, runtime.device,
