@@ -56,9 +56,8 @@ class TrainState:
     window_batches: int = 0
 
     def start_epoch(self) -> None:
-        self.epoch_batches, self.epoch_seconds = 0, 0.0
-        self.loss_sum, self.correct, self.seen, self.part_sums = 0.0, 0, 0, {}
-        self.window_loss, self.window_batches = 0.0, 0
+        self.epoch_batches, self.epoch_seconds, self.part_sums = 0, 0.0, {}
+        self.clear_sums()
 
     def clear_sums(self) -> None:
         """Zero the epoch's sums, keeping their names: in every process but the main one,
@@ -259,16 +258,14 @@ def summed_over_processes(state: TrainState, runtime: Runtime) -> TrainState:
 def epoch_train_figures(state: TrainState, runtime: Runtime) -> dict[str, float]:
     """The epoch's train loss, accuracy (%), throughput (img/s) and loss parts, over all
     processes, from the sums in `state`."""
-    totals = runtime.sum(torch.tensor(state.totals(), dtype=torch.float64)).tolist()
-    loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
-    if seen == 0:
+    summed = summed_over_processes(state, runtime)
+    if summed.seen == 0:
         return {"loss": float("nan"), "acc": 0.0, "throughput": 0.0}
-    parts = {name: total / seen for name, total in zip(state.part_sums, totals[5:], strict=True)}
     return {
-        "loss": loss_sum / seen,
-        "acc": 100.0 * correct / seen,
-        "throughput": seen / max(state.epoch_seconds, 1e-9),
-        **parts,
+        "loss": summed.loss_sum / summed.seen,
+        "acc": 100.0 * summed.correct / summed.seen,
+        "throughput": summed.seen / max(state.epoch_seconds, 1e-9),
+        **{name: total / summed.seen for name, total in summed.part_sums.items()},
     }
 
 
