@@ -1,7 +1,9 @@
 """`fit`: a training run from start to end, over the parts `build_components` makes.
 
 Seeds, builds, resumes, then alternates training epochs (`loop.train_one_epoch`) with
-val scoring, reporting to the sinks and writing checkpoints from the main process.
+val scoring, reporting to the sinks and writing checkpoints from the main process. The loop
+hands back control in the middle of an epoch for a step checkpoint, trainer.max_steps or a
+stop signal; the trainer then checkpoints and continues, scores, or stops.
 """
 
 from __future__ import annotations
