@@ -40,20 +40,25 @@ def _positive(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.slow
-def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_path):
+def run_throughput(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run the script with `args`; returns what it printed and the JSON it wrote."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY_RUN, f"--json={out}"],
+        [sys.executable, str(SCRIPT), *args, f"--json={out}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "train img/s" in result.stdout
+    return result.stdout, json.loads(out.read_text())
 
-    report = json.loads(out.read_text())
+
+@pytest.mark.slow
+def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_path):
+    stdout, report = run_throughput(tmp_path, *TINY_RUN)
+    assert "train img/s" in stdout
+
     assert report["meta"]["batch_size"] == 2
     assert report["meta"]["img_size"] == 32
     assert all(_positive(peak) for peak in report["meta"]["matmul"]["tflop_per_s"].values())
@@ -100,19 +105,10 @@ def test_naive_attention_computes_the_same_outputs_as_fused_attention():
 
 @pytest.mark.slow
 def test_data_parallel_mode_compares_two_processes_with_one_at_the_same_global_batch(tmp_path):
-    out = tmp_path / "ddp.json"
     args = [*TINY_RUN[:6], "data.batch_size=4", "--warmup=1", "--windows=2", "--steps-per-window=1",
             "--num-classes=10", "--device=cpu", "--nproc=2", "--threads=1", "--rounds=1"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, f"--json={out}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 processes / one process" in result.stdout
-    report = json.loads(out.read_text())
+    stdout, report = run_throughput(tmp_path, *args)
+    assert "2 processes / one process" in stdout
     one, ddp = report["setups"]["one"], report["setups"]["ddp"]
     assert (one["processes"], one["threads_per_process"], one["batch_per_process"]) == (1, 2, 4)
     assert (ddp["processes"], ddp["threads_per_process"], ddp["batch_per_process"]) == (2, 1, 2)

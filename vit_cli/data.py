@@ -463,6 +463,16 @@ def _extract(archive: Path, root: Path) -> None:
         ) from e
 
 
+def _cifar_root(cfg: DataConfig, cls: type[datasets.CIFAR10]) -> Path:
+    """data.root, which must be given and must not be a file."""
+    if cfg.root is None:
+        raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={cfg.root} is a file; it must name a folder.")
+    return root
+
+
 def prepare_data(cfg: DataConfig) -> None:
     """Put the data in place before `build_data` reads it: what vit-train does, not vit-eval.
 
@@ -474,14 +484,10 @@ def prepare_data(cfg: DataConfig) -> None:
     if cfg.name not in _CIFAR:
         return
     cls = _CIFAR[cfg.name]
-    if cfg.root is None:
-        raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
-    root = Path(cfg.root).expanduser()
+    root = _cifar_root(cfg, cls)
     folder, archive = root / cls.base_folder, root / cls.filename
     if folder.is_dir():
         return
-    if root.exists() and not root.is_dir():
-        raise UserError(f"data.root={cfg.root} is a file; it must name a folder.")
     if not archive.is_file():
         if not cfg.download:
             raise UserError(
@@ -502,12 +508,7 @@ def prepare_data(cfg: DataConfig) -> None:
 def _load_cifar(cfg: DataConfig, img_size: int, skipped: SkipCounter) -> Splits:
     """CIFAR-10/100 from the extracted folder in data.root, held in memory as uint8 tensors."""
     cls = _CIFAR[cfg.name]
-    if cfg.root is None:
-        raise UserError(f"data={cfg.name} needs data.root=<folder for {cls.filename}>.")
-    root = Path(cfg.root).expanduser()
-    if root.exists() and not root.is_dir():
-        raise UserError(f"data.root={cfg.root} is a file; it must name a folder.")
-    folder = root / cls.base_folder
+    folder = _cifar_root(cfg, cls) / cls.base_folder
     if not folder.is_dir():
         raise UserError(
             f"data={cfg.name}: {folder} does not exist. vit-train extracts {cls.filename} "
