@@ -15,19 +15,23 @@ from rich.console import Console
 from rich.panel import Panel
 
 from vit_cli.errors import UserError
-from vit_cli.launch import launched_processes, process_title
-from vit_cli.stopping import Stopped
+from vit_cli.launch import in_submitit_job, launched_processes, process_title
+from vit_cli.stopping import Stopped, hand_on
 
 
 @contextlib.contextmanager
-def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Iterator[None]:
+def reported_errors(
+    run_dir: Path | None = None, tool: str = "vit-train", in_sweep: bool = False
+) -> Iterator[None]:
     """Print a UserError or Ctrl-C as one short message and exit; HYDRA_FULL_ERROR=1 keeps
     the trace.
 
     `run_dir` is a training run's, for the hint on how to resume; `tool` titles the message.
     On a terminal the message is a panel; elsewhere (a pipe, a CI or Slurm log) it is plain
     text, unwrapped. In a job of several processes, the title names the rank, and only the
-    main process prints the hint after Ctrl-C (every process receives it).
+    main process prints the hint after Ctrl-C (every process receives it). In a job of a
+    sweep (`in_sweep`), a UserError is printed and raised on to Hydra, which records the job
+    as failed and goes on with the others.
     """
     rank, _ = launched_processes()
     title = process_title(tool)
@@ -37,16 +41,22 @@ def reported_errors(run_dir: Path | None = None, tool: str = "vit-train") -> Ite
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _print_message(f"{title}: error", str(e), "red")
+        if in_sweep:
+            raise
         sys.exit(2)
     except Stopped as e:
         if rank == 0:
-            _print_message(
-                title,
-                f"Stopped by {e.signal_name} after step {e.step}; wrote {e.checkpoint}. Continue "
-                f"with the same command and trainer.resume=auto (with the same hydra.run.dir), "
-                f"or with trainer.resume={e.checkpoint}",
-                "yellow",
+            then = (
+                "submitit requeues the job, and it continues from there."
+                if in_submitit_job()
+                else "Continue with the same command and trainer.resume=auto (with the same "
+                f"hydra.run.dir), or with trainer.resume={e.checkpoint}"
             )
+            _print_message(
+                title, f"Stopped by {e.signal_name} after step {e.step}; wrote {e.checkpoint}. {then}",
+                "yellow",
+            )  # fmt: skip
+        hand_on(e.signum)
         sys.exit(e.exit_status)
     except KeyboardInterrupt:
         if rank == 0:

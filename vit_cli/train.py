@@ -1,7 +1,9 @@
 """`vit-train`: Hydra composes the config, and `trainer.fit` trains it.
 
 Run as `vit-train <overrides>`, `python -m vit_cli.train <overrides>`, or in several
-processes with `torchrun --nproc_per_node=N -m vit_cli.train <overrides>`.
+processes with `torchrun --nproc_per_node=N -m vit_cli.train <overrides>`. In a sweep
+(`vit-train -m`), Hydra's launcher calls the task function below once per run: in this
+process, or in the tasks of a submitit job (Slurm, `submitit_local`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from vit_cli.cli import reported_errors, to_train_config
 from vit_cli.config import register_configs
 from vit_cli.errors import UserError
 from vit_cli.host_memory import keep_freed_memory
-from vit_cli.launch import hydra_overrides_for_this_process, launched_processes
+from vit_cli.launch import (
+    adopt_submitit_tasks,
+    hydra_overrides_for_this_process,
+    in_submitit_job,
+    launched_processes,
+)
 
 CONFIG_PATH = "pkg://vit_cli.configs"
 _ONE_JOB_PER_TORCHRUN = (
@@ -38,12 +45,18 @@ def _train(cfg: DictConfig) -> float:
     from vit_cli.runtime import start_runtime
     from vit_cli.trainer import fit
 
+    adopt_submitit_tasks()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     _, world_size = launched_processes()
-    with reported_errors(run_dir):
-        if world_size > 1 and HydraConfig.get().mode == RunMode.MULTIRUN:
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    with reported_errors(run_dir, in_sweep=in_sweep):
+        if world_size > 1 and in_sweep and not in_submitit_job():
             raise UserError(_ONE_JOB_PER_TORCHRUN)
         train_cfg = to_train_config(cfg)
+        if in_submitit_job() and train_cfg.trainer.resume is None:
+            # A requeued job (after preemption or a time limit) runs this again in its own
+            # run folder: it continues from its last checkpoint there.
+            train_cfg.trainer.resume = "auto"
         with start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime:
             # One run folder for the whole job: the main process's.
             run_dir = runtime.broadcast(run_dir)
