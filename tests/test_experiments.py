@@ -19,13 +19,34 @@ PRESETS = sorted(
 )
 # Options whose data has no default location.
 REQUIRED = {
+    "deit_small_384": ["data.root=/data/imagenet", "model.pretrained=deit_s.pth"],
     "deit_tiny_imagenet": ["data.root=/data/imagenet"],
+    "finetune_imagefolder": [
+        "data.root=/data/flowers", "data.num_classes=5", "model.pretrained=vit_s.pth",
+    ],
     "swin_tiny_imagenet": ["data.root=/data/imagenet"],
-}
+}  # fmt: skip
 
 
 def test_the_presets_are_the_documented_ones():
-    assert PRESETS == ["deit_tiny_imagenet", "digits_best", "swin_tiny_imagenet", "vit_cifar10"]
+    assert PRESETS == [
+        "deit_small_384", "deit_tiny_imagenet", "digits_best", "finetune_imagefolder",
+        "swin_tiny_imagenet", "vit_cifar10",
+    ]  # fmt: skip
+
+
+def test_fine_tuning_presets_carry_their_recipes(compose_cfg):
+    mae = compose_cfg("experiment=finetune_imagefolder", *REQUIRED["finetune_imagefolder"])
+    assert (mae.model.embed_dim, mae.model.depth, mae.model.num_heads) == (384, 12, 6)
+    assert mae.model.pretrained == "vit_s.pth" and mae.model.drop_path_rate == 0.1
+    assert mae.optimizer.layer_decay == 0.65 and mae.optimizer.weight_decay == 0.05
+    assert mae.optimizer.lr == pytest.approx(5e-4 * mae.data.batch_size / 256)
+    deit = compose_cfg("experiment=deit_small_384", *REQUIRED["deit_small_384"])
+    assert deit.model.img_size == 384 and not deit.model.distilled
+    assert (deit.optimizer.lr, deit.scheduler.min_lr, deit.optimizer.weight_decay) == (
+        5e-6, 5e-6, 1e-8,
+    )  # fmt: skip
+    assert deit.trainer.epochs == 30 and deit.data.batch_size == 512
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -141,6 +141,23 @@ def test_resuming_with_another_lr_schedule_or_seed_is_refused_naming_each_key(
     assert result.best_epoch >= 1
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_as_that_key_s_default(
+    compose_cfg, tmp_path
+):
+    fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
+    ckpt = load_checkpoint(tmp_path / "first" / "last.pt")
+    # As written before these keys were added to the schema.
+    del ckpt["config"]["optimizer"]["head_lr_scale"], ckpt["config"]["model"]["pretrained_ema"]
+    del ckpt["config"]["trainer"]["freeze"]
+    save_checkpoint(ckpt, tmp_path / "older.pt")
+    fit(compose_cfg(*TINY, f"trainer.resume={tmp_path / 'older.pt'}", "trainer.epochs=2"),
+        tmp_path / "resumed")  # fmt: skip
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["epoch"] == 2
+    with pytest.raises(UserError, match=r"optimizer.head_lr_scale: checkpoint 1.0, now 2.0"):
+        fit(compose_cfg(*TINY, f"trainer.resume={tmp_path / 'older.pt'}",
+                        "optimizer.head_lr_scale=2"), tmp_path / "other")  # fmt: skip
+
+
 def test_a_checkpoint_without_optimizer_state_or_config_cannot_be_resumed(compose_cfg, tmp_path):
     fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
     ckpt = load_checkpoint(tmp_path / "first" / "last.pt")

@@ -21,8 +21,9 @@ from vit_cli.loop import LoopSettings, Updater
 from vit_cli.losses import ClassificationLoss, DistillationLoss, SoftTargetCrossEntropy
 from vit_cli.models import build_model, two_heads
 from vit_cli.models.deit import BothHeads
-from vit_cli.optim import build_optimizer, build_scheduler
+from vit_cli.optim import build_optimizer, build_scheduler, freeze
 from vit_cli.precision import Precision, resolve_precision
+from vit_cli.pretrained import LoadReport, load_pretrained
 from vit_cli.runtime import Runtime
 from vit_cli.teacher import FrozenTeacher, build_teacher
 
@@ -48,10 +49,17 @@ class Components:
     ema_eval_model: nn.Module | None  # the weight average, as `eval_model` views the model
     teacher: FrozenTeacher | None
     settings: LoopSettings
+    pretrained: LoadReport | None  # what model.pretrained's file gave the model
 
 
-def build_components(cfg: TrainConfig, runtime: Runtime) -> Components:
-    """Every part of the run `cfg` describes, on this process's device and share of the data."""
+def build_components(
+    cfg: TrainConfig, runtime: Runtime, with_pretrained: bool = True
+) -> Components:
+    """Every part of the run `cfg` describes, on this process's device and share of the data.
+
+    `with_pretrained=False` leaves out model.pretrained's weights: a resumed run takes its
+    weights from its checkpoint.
+    """
     device = runtime.device
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
 
@@ -63,8 +71,15 @@ def build_components(cfg: TrainConfig, runtime: Runtime) -> Components:
     data = build_data(
         cfg.data, img_size, generator, pin_memory=device.type == "cuda", runtime=runtime
     )
-    model = build_model(cfg.model, img_size, data.in_chans, data.num_classes).to(device)
+    model = build_model(cfg.model, img_size, data.in_chans, data.num_classes)
+    pretrained = None
+    if cfg.model.pretrained and with_pretrained:
+        # Before anything copies the weights: the weight average, DDP's broadcast.
+        pretrained = load_pretrained(model, cfg.model.pretrained, ema=cfg.model.pretrained_ema)
+    model = model.to(device)
     model.set_grad_checkpointing(cfg.trainer.activation_checkpointing)
+    # Before DDP wraps the model: it registers only the parameters that need gradients.
+    freeze(model, cfg.trainer.freeze)
     heads = two_heads(model)
     forward_module = BothHeads(model) if heads else model
     # DDP gives every process rank 0's initial weights here, before anything copies them.
@@ -153,4 +168,5 @@ def build_components(cfg: TrainConfig, runtime: Runtime) -> Components:
             max_bad_steps=cfg.trainer.max_bad_steps,
             log_every_n_steps=cfg.trainer.log_every_n_steps,
         ),
+        pretrained=pretrained,
     )

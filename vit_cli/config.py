@@ -18,7 +18,18 @@ from vit_cli.errors import UserError
 
 
 @dataclass
-class ViTConfig:
+class PretrainedWeights:
+    """Where a model's first weights come from (every model family has these keys)."""
+
+    # A local .pth/.pt/.bin/.safetensors file: timm, official DeiT/Swin, torchvision or a
+    # vit-train checkpoint. Positions, windows, classes and channels are adapted to this model.
+    pretrained: Optional[str] = None
+    # Take the file's weight average (EMA) instead of its raw weights.
+    pretrained_ema: bool = False
+
+
+@dataclass
+class ViTConfig(PretrainedWeights):
     name: str = "vit"
     # None: use the data's native image size; otherwise the data is resized to it.
     img_size: Optional[int] = None
@@ -41,7 +52,7 @@ class DeiTConfig(ViTConfig):
 
 
 @dataclass
-class SwinConfig:
+class SwinConfig(PretrainedWeights):
     name: str = "swin"
     img_size: Optional[int] = None
     patch_size: int = 4
@@ -131,6 +142,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9
     nesterov: bool = False
+    # Fine-tuning. Layer-wise lr decay: each layer's lr is lr * layer_decay ** (L - layer),
+    # from lr for the head's layer L down to lr * layer_decay ** L for the embeddings
+    # (layer 0); BEiT and MAE fine-tune with 0.65 to 0.75 (null: off).
+    layer_decay: Optional[float] = None
+    # A multiple of the lr for the head(s) (head, head_dist), e.g. for a new head.
+    head_lr_scale: float = 1.0
 
 
 @dataclass
@@ -179,6 +196,9 @@ class TrainerConfig:
     compile_mode: str = "default"
     # Recompute each block's activations in the backward pass: less memory, more compute.
     activation_checkpointing: bool = False
+    # backbone: train the head(s) alone, a linear probe; the rest keeps its weights and is
+    # left out of the optimizer (null: train every parameter).
+    freeze: Optional[str] = None
     ema: EMAConfig = field(default_factory=EMAConfig)
     # With several processes (torchrun): how long a collective waits for the others before
     # the job stops with an error, e.g. when one process died or hangs.
@@ -361,6 +381,9 @@ def _optimizer_checks(opt: OptimizerConfig) -> list[Check]:
          "[beta1, beta2], each in [0, 1)"),
         _positive("optimizer.eps", opt.eps),
         _share("optimizer.momentum", opt.momentum),
+        ("optimizer.layer_decay", opt.layer_decay,
+         opt.layer_decay is None or 0.0 < opt.layer_decay <= 1.0, "null or in (0, 1]"),
+        _positive("optimizer.head_lr_scale", opt.head_lr_scale),
     ]  # fmt: skip
 
 
@@ -373,6 +396,7 @@ def _scheduler_checks(sched: SchedulerConfig, lr: float) -> list[Check]:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FREEZE_CHOICES = ("backbone",)
 
 
 def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
@@ -388,6 +412,9 @@ def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
         _at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
         _at_least("trainer.accumulate", trainer.accumulate, 1),
         _one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),
+        ("trainer.freeze", trainer.freeze,
+         trainer.freeze is None or trainer.freeze in FREEZE_CHOICES,
+         f"null or one of {', '.join(FREEZE_CHOICES)}"),
         ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
         _positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
     ]  # fmt: skip

@@ -1,43 +1,168 @@
-"""Optimizer with weight-decay exclusions, and the per-step learning-rate schedule."""
+"""Optimizer with weight-decay exclusions and fine-tuning lr scales, and the per-step
+learning-rate schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
-from vit_cli.config import OptimizerConfig, SchedulerConfig
+from vit_cli.config import FREEZE_CHOICES, OptimizerConfig, SchedulerConfig
 from vit_cli.errors import UserError
+from vit_cli.models.swin import SwinTransformer
+from vit_cli.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
+HEADS = ("head.", "head_dist.")  # the classifier(s): DeiT's distillation head too
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into decayed and non-decayed groups.
+def is_head(name: str) -> bool:
+    return name.startswith(HEADS)
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer of a ViT or DeiT parameter for layer-wise lr decay, as in BEiT's fine-tuning.
+
+    0: the embeddings (patches, class and distillation tokens, positions); i + 1: blocks.i;
+    depth + 1: what reads the blocks out (final norm and heads).
+    """
+    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(("norm.", *HEADS)):
+        return depth + 1
+    raise _no_layer_rule(name, "vit/deit")
+
+
+def swin_layer_id(name: str, depths: list[int]) -> int:
+    """Layer of a Swin parameter for layer-wise lr decay, as in SimMIM's Swin fine-tuning.
+
+    0: patch embedding (and absolute position embedding); 1..sum(depths): the blocks of
+    all stages, counted in order; sum(depths) + 1: final norm and head. A stage's patch
+    merging (`layers.s.downsample`) runs right after that stage's blocks and belongs to the
+    stage, so it takes the layer of the stage's last block.
+    """
+    if name == "absolute_pos_embed" or name.startswith("patch_embed."):
+        return 0
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 3:
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        if parts[2] == "downsample":
+            return sum(depths[: stage + 1])
+    if name.startswith(("norm.", *HEADS)):
+        return sum(depths) + 1
+    raise _no_layer_rule(name, "swin")
+
+
+def _no_layer_rule(name: str, family: str) -> UserError:
+    return UserError(
+        f"optimizer.layer_decay has no layer for the {family} parameter {name!r}. Set "
+        "optimizer.layer_decay=null, or add a rule for it to vit_cli/optim.py."
+    )
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Every parameter's layer (0 = embeddings), and the layer L of the final norm and head."""
+    names = [name for name, _ in model.named_parameters()]
+    if isinstance(model, SwinTransformer):
+        depths = [len(stage.blocks) for stage in model.layers]
+        return {name: swin_layer_id(name, depths) for name in names}, sum(depths) + 1
+    if isinstance(model, VisionTransformer):  # DeiT students too
+        depth = len(model.blocks)
+        return {name: vit_layer_id(name, depth) for name in names}, depth + 1
+    raise UserError(
+        f"optimizer.layer_decay supports the vit, deit and swin models, not "
+        f"{type(model).__name__}. Set optimizer.layer_decay=null."
+    )
+
+
+def lr_scales(
+    model: nn.Module, layer_decay: float | None = None, head_lr_scale: float = 1.0
+) -> dict[str, float]:
+    """Each parameter's multiple of the base lr: layer_decay ** (L - layer), so that the
+    head's layer has 1 and the embeddings layer_decay ** L, times head_lr_scale for the
+    head(s)."""
+    if layer_decay is None:
+        scales = dict.fromkeys((name for name, _ in model.named_parameters()), 1.0)
+    else:
+        ids, last = layer_ids(model)
+        scales = {name: layer_decay ** (last - layer) for name, layer in ids.items()}
+    return {name: s * head_lr_scale if is_head(name) else s for name, s in scales.items()}
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    layer_decay: float | None = None,
+    head_lr_scale: float = 1.0,
+) -> list[dict]:
+    """Split the trainable parameters into groups by weight decay and lr scale.
 
     Biases and norm weights (every 1-D parameter) and the names a model lists in
     `no_weight_decay()` (position embeddings, class/distillation tokens, relative position
     bias tables) take no weight decay, following the ViT, DeiT and Swin training code.
+
+    Each group's `lr` is lr times its scale (`lr_scales`): the scheduler (a LambdaLR)
+    multiplies every group's initial lr by the schedule's factor, so the scales hold at
+    every step. Frozen parameters (requires_grad False) are left out. Groups come with the
+    unscaled ones first, which the loop logs as the lr, then by falling lr. Without layer
+    decay and head scale these are the two groups (decayed, then not) that runs have always
+    had, even when one is empty, so that earlier checkpoints load.
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    scales = lr_scales(model, layer_decay, head_lr_scale)
+    # Keyed by (lr scale, whether it decays).
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    if layer_decay is None and head_lr_scale == 1.0:
+        groups = {(1.0, True): [], (1.0, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.split(".")[-1] in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decayed = not (param.ndim <= 1 or name.split(".")[-1] in skip)
+        groups.setdefault((scales[name], decayed), []).append(param)
+
+    def order(key: tuple[float, bool]) -> tuple:
+        scale, decayed = key
+        return scale != 1.0, -scale, not decayed
+
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "lr": lr * key[0]}
+        for key in sorted(groups, key=order)
     ]
 
 
+def freeze(model: nn.Module, what: str | None) -> None:
+    """Turn off the gradients of what trainer.freeze names; the optimizer then skips them.
+
+    `backbone`: everything but the head(s), a linear probe. Call it before DDP wraps the
+    model, which registers only the parameters that need gradients.
+    """
+    if what is None:
+        return
+    if what != "backbone":
+        raise UserError(
+            f"Unknown trainer.freeze={what!r}. Valid values: null, {', '.join(FREEZE_CHOICES)}."
+        )
+    if not any(is_head(name) for name, _ in model.named_parameters()):
+        raise UserError(
+            f"trainer.freeze=backbone found no head parameters ({', '.join(HEADS)}*) in "
+            f"{type(model).__name__}; set trainer.freeze=null."
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(name))
+
+
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_decay, cfg.head_lr_scale)
     if cfg.name == "adamw":
         # One fused kernel for all parameters, instead of a dozen small ops per parameter
         # tensor: torch has it for CPU and CUDA, and on this CPU it cut vit_tiny's AdamW
@@ -70,12 +195,23 @@ def build_scheduler(
     steps_per_epoch: int,
     total_steps: int,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A schedule stepped once per optimizer step (not per epoch)."""
+    """A schedule stepped once per optimizer step (not per epoch).
+
+    LambdaLR multiplies each group's initial lr by the one factor of `lr_factor`, so a group
+    whose lr `param_groups` scaled keeps its scale throughout: it warms up to base_lr * scale
+    and decays to min_lr * scale (as in BEiT's layer-decay fine-tuning), not to min_lr.
+    """
     if cfg.name not in SCHEDULERS:
         raise UserError(
             f"Unknown scheduler.name={cfg.name!r}. Valid names: {', '.join(SCHEDULERS)}."
         )
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if 0 < total_steps <= warmup_steps:
+        log.warning(
+            "scheduler.warmup_epochs=%g spans the whole run (%d steps): the lr rises until the "
+            "end and never decays. For a short run, such as a fine-tune, lower "
+            "scheduler.warmup_epochs (0 for none).", cfg.warmup_epochs, total_steps,
+        )  # fmt: skip
     min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
     cosine = cfg.name == "cosine"
     return torch.optim.lr_scheduler.LambdaLR(

@@ -63,6 +63,9 @@ class Sink:
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Figures of the run at optimizer step `step` (train loss, lr, teacher accuracy...)."""
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A note about the run (what its pretrained weights gave the model...)."""
+
     def epoch_done(self, report: EpochReport) -> None:
         """An epoch was trained and scored."""
 
@@ -91,6 +94,10 @@ class Sinks(Sink):
         for sink in self.sinks:
             sink.scalars(values, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        for sink in self.sinks:
+            sink.text(tag, text, step)
+
     def epoch_done(self, report: EpochReport) -> None:
         for sink in self.sinks:
             sink.epoch_done(report)
@@ -117,6 +124,10 @@ class TensorBoardSink(Sink):
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        # TensorBoard renders Markdown: indented lines keep the text as it is.
+        self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
     def epoch_done(self, report: EpochReport) -> None:
         self.scalars({**report.scalars, "epoch": report.epoch}, report.step)

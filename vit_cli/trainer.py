@@ -60,18 +60,34 @@ def seed_everything(seed: int) -> None:
 RESUME_MUST_MATCH = (
     "model", "data", "distill", "optimizer", "scheduler", "precision", "seed",
     "trainer.grad_clip", "trainer.label_smoothing", "trainer.accumulate", "trainer.ema",
+    "trainer.freeze",
 )  # fmt: skip
 
 
-def _config_differences(saved: object, current: object, key: str) -> list[str]:
-    """`key: checkpoint X, now Y` for each leaf under `key` that differs."""
+def _config_differences(saved: object, current: object, key: str, default: object) -> list[str]:
+    """`key: checkpoint X, now Y` for each leaf under `key` that differs.
+
+    A key the checkpoint's config lacks was added to vit_cli after the checkpoint was
+    written: that run trained as the key's `default` says.
+    """
     if isinstance(saved, dict) and isinstance(current, dict):
+        default = default if isinstance(default, dict) else {}
         return [
             diff
             for name in sorted(set(saved) | set(current))
-            for diff in _config_differences(saved.get(name), current.get(name), f"{key}.{name}")
+            for diff in _config_differences(
+                saved[name] if name in saved else default.get(name),
+                current.get(name),
+                f"{key}.{name}",
+                default.get(name),
+            )
         ]
     return [] if saved == current else [f"{key}: checkpoint {saved!r}, now {current!r}"]
+
+
+def _defaults(cfg: TrainConfig) -> dict:
+    """Every key's schema default, for a model of the family `cfg` trains."""
+    return OmegaConf.to_container(OmegaConf.structured(TrainConfig(model=type(cfg.model)())))
 
 
 def _lookup(cfg_dict: dict, key: str) -> object:
@@ -81,7 +97,7 @@ def _lookup(cfg_dict: dict, key: str) -> object:
 
 
 def _restore(
-    path: str, cfg_dict: dict, c: Components, runtime: Runtime
+    path: str, cfg_dict: dict, defaults: dict, c: Components, runtime: Runtime
 ) -> tuple[TrainState, dict[str, float]]:
     """Load a checkpoint for resuming, after checking it was trained with the same setup.
 
@@ -96,7 +112,9 @@ def _restore(
     diffs = [
         diff
         for key in RESUME_MUST_MATCH
-        for diff in _config_differences(_lookup(saved, key), _lookup(cfg_dict, key), key)
+        for diff in _config_differences(
+            _lookup(saved, key), _lookup(cfg_dict, key), key, _lookup(defaults, key)
+        )
     ]
     if diffs:
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
@@ -242,13 +260,13 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     # Each process draws its own augmentations; DDP gives them all rank 0's initial weights.
     seed_everything(cfg.seed + runtime.rank)
-    c = build_components(cfg, runtime)
+    resume = _resume_path(cfg.trainer.resume, run_dir)
+    c = build_components(cfg, runtime, with_pretrained=resume is None)
     data = c.data
     state, metrics = TrainState(), {}
     had_events = any(run_dir.glob("events.out.tfevents.*"))
-    resume = _resume_path(cfg.trainer.resume, run_dir)
     if resume:
-        state, metrics = _restore(resume, cfg_dict, c, runtime)
+        state, metrics = _restore(resume, cfg_dict, _defaults(cfg), c, runtime)
         log.info("resumed from %s at epoch %d, step %d", resume, state.epoch, state.step)
     run_info = _run_info(cfg, c, runtime)
     global_batch = run_info["distributed"]["global_batch"]
@@ -272,6 +290,10 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
     # checkpoint; a fresh run in a folder of a run that never wrote one hides all of it.
     purge_step = (state.step + 1 if resume else 0) if had_events else None
     sinks = build_sinks(run_dir, runtime.is_main, purge_step)
+    if c.pretrained is not None:
+        for line in c.pretrained.summary().splitlines():
+            log.info("%s", line)
+        sinks.text("pretrained", c.pretrained.summary(), state.step)
     loader = data.train_loader
     with stop_on_signals() as stop:
         pauses = _Pauses(stop, runtime, cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
