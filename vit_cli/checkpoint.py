@@ -95,6 +95,27 @@ def _write_atomically(state: dict[str, Any], path: Path) -> None:
         os.close(folder)
 
 
+class UnreadableFile(Exception):
+    """torch.load refused a file: it holds Python objects beyond tensors and plain data
+    (`objects`), which are never unpickled, or it could not be read (`reason` says why)."""
+
+    def __init__(self, reason: str, objects: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.objects = reason, objects
+
+
+def torch_load_weights(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU; UnreadableFile when it fails."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's loader fails in many ways on a file that is not its own
+        # The weights-only unpickler names the class it refused ("Unsupported global"); other
+        # unpickling errors come from files that are not pickles at all.
+        objects = isinstance(e, pickle.UnpicklingError) and "global" in str(e)
+        reason = "the file is empty" if path.stat().st_size == 0 else type(e).__name__
+        raise UnreadableFile(reason, objects) from e
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by vit-train without unpickling arbitrary objects."""
     path = Path(path).expanduser()
@@ -103,17 +124,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"Checkpoint {path} does not exist. Pass the path of a .pt file written by vit-train."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        state = torch_load_weights(path)
+    except UnreadableFile as e:
+        if e.objects:
+            raise UserError(
+                f"Checkpoint {path} is not a vit-train checkpoint: it holds Python objects "
+                "beyond tensors and plain data, which vit_cli never unpickles (they could run "
+                "code). Use a checkpoint written by vit-train."
+            ) from e
         raise UserError(
-            f"Checkpoint {path} is not a vit-train checkpoint: it holds Python objects beyond "
-            "tensors and plain data, which vit_cli never unpickles (they could run code). Use "
-            "a checkpoint written by vit-train."
-        ) from e
-    except Exception as e:  # torch's loader fails in many ways on a file that is not its own
-        reason = "the file is empty" if path.stat().st_size == 0 else type(e).__name__
-        raise UserError(
-            f"Checkpoint {path} is corrupt or not a vit-train checkpoint ({reason}). Use "
+            f"Checkpoint {path} is corrupt or not a vit-train checkpoint ({e.reason}). Use "
             "another checkpoint, e.g. best.pt or last.pt."
         ) from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_cli.checkpoint import strip_wrapper_prefixes, unwrap_model
+from vit_cli.checkpoint import (
+    UnreadableFile,
+    strip_wrapper_prefixes,
+    torch_load_weights,
+    unwrap_model,
+)
 from vit_cli.errors import UserError
 from vit_cli.models.swin import SwinTransformer
 from vit_cli.models.vit import VisionTransformer
@@ -127,25 +131,33 @@ def _load_file(path: Path) -> object:
             f"Pretrained weights {path} have an unsupported file type {suffix!r}. Use a .pth, "
             ".pt or .bin file written by torch.save, or a .safetensors file."
         )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if suffix != ".safetensors":
+        try:
+            return torch_load_weights(path)
+        except UnreadableFile as e:
+            if e.objects:
+                raise UserError(
+                    f"Pretrained weights {path} hold Python objects beyond tensors and plain "
+                    "data, which vit_cli never unpickles (they could run code). If you trust "
+                    "the file, re-save just its state dict with "
+                    "torch.save(state_dict, 'weights.pth')."
+                ) from e
+            raise _corrupt(path, e.reason) from e
+    from safetensors.torch import load_file
 
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # both loaders fail in many ways on a file that is not theirs
-        # torch's weights-only unpickler names the class it refused ("Unsupported global").
-        if isinstance(e, pickle.UnpicklingError) and "global" in str(e):
-            raise UserError(
-                f"Pretrained weights {path} hold Python objects beyond tensors and plain data, "
-                "which vit_cli never unpickles (they could run code). If you trust the file, "
-                "re-save just its state dict with torch.save(state_dict, 'weights.pth')."
-            ) from e
-        reason = "the file is empty" if path.stat().st_size == 0 else type(e).__name__
-        raise UserError(
-            f"Pretrained weights {path} are corrupt or not a {suffix} file ({reason}). "
-            "Download or copy them again."
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors fails in many ways on a file that is not its own
+        raise _corrupt(
+            path, "the file is empty" if path.stat().st_size == 0 else type(e).__name__
         ) from e
+
+
+def _corrupt(path: Path, reason: str) -> UserError:
+    return UserError(
+        f"Pretrained weights {path} are corrupt or not a {path.suffix.lower()} file ({reason}). "
+        "Download or copy them again."
+    )
 
 
 def _is_vit_train_checkpoint(state: dict) -> bool:

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from vit_cli.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint
+from vit_cli.checkpoint import (
+    UnreadableFile,
+    load_checkpoint,
+    load_model_state,
+    model_from_checkpoint,
+    torch_load_weights,
+)
 from vit_cli.config import TeacherConfig
 from vit_cli.errors import UserError
 
@@ -80,10 +86,10 @@ def _from_torchvision(
     if not path.is_file():
         raise UserError(f"distill.teacher.weights={weights} does not exist.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        state = torch_load_weights(path)
+    except UnreadableFile as e:
         raise UserError(
-            f"distill.teacher.weights={weights} is not a readable state_dict ({type(e).__name__})."
+            f"distill.teacher.weights={weights} is not a readable state_dict ({e.reason})."
         ) from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
