@@ -6,6 +6,11 @@ steps, then timed windows in which the models take turns (the order rotates each
 so a change in machine load hits all of them alike. Figures are medians over windows;
 against timm we also report the median of the per-round (paired) ratios.
 
+With `--tensorboard-images` it measures what the TensorBoard pictures cost: whole `vit-train`
+runs (the trainer's `fit`, with its data, val and logging) with trainer.images_every_n_epochs
+at 1 and off, alternating run by run; it prints the training img/s that the trainer logs (the
+last epoch's) and each run's wall time, val and pictures included.
+
 With `--nproc N` it measures data parallelism instead: training img/s of N processes under
 torchrun (DistributedDataParallel) against one process, at the same global batch
 (`data.batch_size`, split between the N) and, on the CPU, the same total threads; the
@@ -17,6 +22,7 @@ Examples:
     python benchmarks/throughput.py model=vit_tiny precision=bf16 data.batch_size=16 --naive-attention
     python benchmarks/throughput.py model=swin_tiny data.batch_size=16 --json outputs/benchmarks/swin.json
     python benchmarks/throughput.py model=vit_base --device cuda --compile --windows 10
+    python benchmarks/throughput.py trainer.epochs=3 --tensorboard-images --rounds 5
 """
 
 from __future__ import annotations
@@ -115,7 +121,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "process gets N times as many",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="with --nproc: launches of each setup, alternating"
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --nproc or --tensorboard-images: runs of each setup, alternating",
+    )
+    parser.add_argument(
+        "--tensorboard-images",
+        action="store_true",
+        help="whole vit-train runs with the TensorBoard pictures on (every epoch) and off",
     )
     # Internal: one measurement of --nproc mode, in the process (or torchrun job) it runs in.
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
@@ -771,6 +785,62 @@ def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
     return summary
 
 
+# ----------------------------------------------------------------------------- pictures
+
+
+def run_tensorboard_images(args: argparse.Namespace, console: Console) -> dict:
+    """Whole training runs with the TensorBoard pictures every epoch and without them."""
+    from vit_cli.trainer import fit
+
+    setups = {"on": "trainer.images_every_n_epochs=1", "off": "trainer.images_every_n_epochs=null"}
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    if not args.malloc_defaults:
+        keep_freed_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for name in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+                cfg = compose_train_config([*args.overrides, setups[name]])
+                if args.device:
+                    cfg.device = args.device
+                run_dir = Path(tmp) / f"{name}{round_}"
+                result = fit(cfg, run_dir)
+                events = run_dir.glob("events.out.tfevents.*")
+                trained = result.final_metrics["throughput"]  # the last epoch's, as logged
+                runs[name].append(
+                    {
+                        "train_img_per_s": trained,
+                        "wall_s": result.wall_time,
+                        "event_bytes": sum(f.stat().st_size for f in events),
+                    }
+                )
+                console.print(
+                    f"round {round_ + 1}: pictures {name}: train {trained:.1f} img/s, "
+                    f"run {result.wall_time:.1f} s"
+                )
+    summary = {}
+    for key in ("train_img_per_s", "wall_s"):
+        on = [r[key] for r in runs["on"]]
+        off = [r[key] for r in runs["off"]]
+        summary[key] = {
+            "on": statistics.median(on),
+            "off": statistics.median(off),
+            "ratio_on_off": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+        }
+    table = Table(caption=f"medians over {args.rounds} runs of each; ratio: median of paired")
+    for column in ("figure", "pictures on", "pictures off", "on / off"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for key, label in (
+        ("train_img_per_s", "train img/s (logged)"),
+        ("wall_s", "run wall time (s)"),
+    ):
+        entry = summary[key]
+        table.add_row(
+            label, f"{entry['on']:.2f}", f"{entry['off']:.2f}", f"{entry['ratio_on_off']:.3f}"
+        )
+    console.print(table)
+    return {"overrides": args.overrides, "runs": runs, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.ddp_worker is not None:
@@ -779,7 +849,12 @@ def main(argv: list[str] | None = None) -> int:
     # Wide enough for the table when the output goes to a file or a pipe.
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
-        results = run_data_parallel(args, console) if args.nproc else run(args, console)
+        if args.tensorboard_images:
+            results = run_tensorboard_images(args, console)
+        elif args.nproc:
+            results = run_data_parallel(args, console)
+        else:
+            results = run(args, console)
     except (UserError, HydraException, OmegaConfBaseException) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

@@ -141,6 +141,29 @@ def test_vit_predict_agrees_with_vit_eval_on_val_digits_written_as_png(digits_ru
 
 
 @pytest.mark.slow
+def test_vit_predict_writes_attention_maps_beside_the_predictions(digits_run, tmp_path):
+    from vit_cli.figures import image_grid
+
+    images, _ = digits_val()
+    for i in range(3):
+        write_png(images[i], tmp_path / "in" / ("a" if i < 2 else "b") / f"{i % 2}.png")
+    (tmp_path / "in" / "b" / "broken.png").write_bytes(b"not a png")
+    result = tool("vit-predict", str(digits_run / "best.pt"), "in", "--json",
+                  "--attention", "maps", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1  # the broken file
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    written = {line["path"]: line.get("attention") for line in lines}
+    assert written[str(Path("in/b/broken.png"))] is None
+    pngs = sorted(Path(p).name for p in written.values() if p)
+    assert pngs == ["0.png", "0_2.png", "1.png"]  # two 0.png from two folders
+    # One row: the image, the rollout and the last block's 2 heads, at the model's 16 px.
+    expected = image_grid(torch.zeros(4, 3, 16, 16), ["x"] * 4, columns=4).shape[1:]
+    for name in pngs:
+        with Image.open(tmp_path / "maps" / name) as png:
+            assert (png.height, png.width) == tuple(expected)
+
+
+@pytest.mark.slow
 def test_a_corrupt_file_gets_an_error_line_and_the_others_are_classified(digits_run, tmp_path):
     images, _ = digits_val()
     for i in range(5):

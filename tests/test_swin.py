@@ -165,6 +165,8 @@ def test_shifted_window_mask_blocks_cross_region_attention(monkeypatch) -> None:
     ((q, k, v, attn_mask, out),) = calls
     weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + attn_mask, dim=-1)
     torch.testing.assert_close(weights @ v, out)  # these are the weights SDPA used
+    nW = (H // ws) * (W // ws)
+    weights = weights.view(2, nW, 2, ws * ws, ws * ws)  # windows and heads share an axis
 
     # Ground truth from coordinates: neighbours in the unshifted map share a region.
     rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")

@@ -8,12 +8,21 @@ Inference from Python:
 A model to fine-tune from pretrained weights (timm, official DeiT/Swin, torchvision, vit-train):
 
     model = vit_cli.create_model("deit_small", pretrained="deit_small.pth", num_classes=5)
+
+Where a model looks (attention rollout for ViT and DeiT, Grad-CAM for Swin):
+
+    maps = vit_cli.attention_maps(model, transform(images)).maps  # (B, H, W) in [0, 1]
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "load_model", "predict"]
-_MODULES = {"create_model": "pretrained", "load_model": "inference", "predict": "inference"}
+__all__ = ["attention_maps", "create_model", "load_model", "predict"]
+_MODULES = {
+    "attention_maps": "attention",
+    "create_model": "pretrained",
+    "load_model": "inference",
+    "predict": "inference",
+}
 
 
 def __getattr__(name: str):

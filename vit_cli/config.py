@@ -186,6 +186,11 @@ class TrainerConfig:
     # the end of each epoch only).
     checkpoint_every_n_steps: Optional[int] = None
     log_every_n_steps: int = 10
+    # TensorBoard pictures (confusion matrix, misclassified val images, attention maps) every
+    # this many epochs and after the last, and the first training batch (null: none).
+    images_every_n_epochs: Optional[int] = 1
+    # Images in the misclassified and training-batch grids; attention maps show half as many.
+    images_per_grid: int = 16
     # Stop with an error after this many consecutive steps whose loss is NaN or inf.
     max_bad_steps: int = 5
     # Micro-batches per optimizer step: equivalent to an N x larger batch.
@@ -409,6 +414,8 @@ def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
          "null or 0 (no clipping), or a positive norm"),
         _share("trainer.label_smoothing", trainer.label_smoothing),
         _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
+        _optional_at_least("trainer.images_every_n_epochs", trainer.images_every_n_epochs, 1),
+        _at_least("trainer.images_per_grid", trainer.images_per_grid, 1),
         _at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
         _at_least("trainer.accumulate", trainer.accumulate, 1),
         _one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),

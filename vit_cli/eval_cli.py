@@ -104,47 +104,13 @@ class Tally:
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (true, pred)
         self.rows: list[tuple[int, int, float]] = []  # (target, predicted, its probability)
 
-    def __call__(self, logits, targets) -> None:
+    def __call__(self, images, logits, targets) -> None:
+        from vit_cli.evaluation import count_confusion
+
         probs, predicted = logits.softmax(dim=1).max(dim=1)  # (B,), (B,)
         targets, predicted = targets.cpu(), predicted.cpu()
-        self.confusion.index_put_(
-            (targets, predicted), self.confusion.new_ones(len(targets)), accumulate=True
-        )
+        count_confusion(self.confusion, targets, predicted)
         self.rows += zip(targets.tolist(), predicted.tolist(), probs.tolist(), strict=True)
-
-
-def confusion_png(confusion, class_names: list[str], path: Path) -> None:
-    """The row-normalised confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    K = len(class_names)
-    cell = max(4, min(48, 960 // K))
-    labelled = K <= 40
-    margin = 8 * max(len(n) for n in class_names[:40]) + 16 if labelled else 8
-    side = margin + K * cell + 8
-    width, height = max(side, 420), side + 24  # room for the caption below
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    rows = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)  # (K, K)
-    for t in range(K):
-        for p in range(K):
-            shade = round(255 * (1 - float(rows[t, p])))  # white (0) .. blue (1)
-            x, y = margin + p * cell, margin + t * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(shade, shade, 255))
-            count = int(confusion[t, p])
-            if count and cell >= 24:
-                ink = "white" if shade < 128 else "black"
-                centre = (x + cell / 2, y + cell / 2)
-                draw.text(centre, str(count), fill=ink, font=font, anchor="mm")
-    if labelled:
-        for k, name in enumerate(class_names):
-            centre = margin + k * cell + cell / 2
-            draw.text((margin - 4, centre), name, fill="black", font=font, anchor="rm")  # true
-            draw.text((centre, margin - 4), name[:4], fill="black", font=font, anchor="mb")  # pred
-    caption = "rows: true class, columns: predicted; shade: share of the row"
-    draw.text((4, height - 6), caption, fill="dimgray", font=font, anchor="lb")
-    image.save(path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -153,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     from vit_cli.config import validate_data
     from vit_cli.data import ImageFiles, build_data
     from vit_cli.evaluation import evaluate
+    from vit_cli.figures import confusion_matrix_image, save_png
     from vit_cli.inference import model_of, read_for_inference, trained_precision
     from vit_cli.models import two_heads
     from vit_cli.models.deit import BothHeads
@@ -221,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    confusion_png(tally.confusion, class_names, out / "confusion.png")
+    save_png(confusion_matrix_image(tally.confusion, class_names), out / "confusion.png")
     # The val loader keeps file order, so the files it read are the rows, one to one.
     dataset = data.val_loader.dataset
     files_of = dataset.read_paths() if isinstance(dataset, ImageFiles) else []

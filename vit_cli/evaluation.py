@@ -12,8 +12,16 @@ from torch.utils.data import DataLoader
 from vit_cli.errors import UserError
 from vit_cli.precision import Precision
 
-# Called with each batch's merged logits (B, K) in fp32 and its targets (B,), on the device.
-BatchObserver = Callable[[torch.Tensor, torch.Tensor], None]
+# Called with each batch's images (B, C, H, W), as the model took them, its merged logits
+# (B, K) in fp32 and its targets (B,), on the device.
+BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def count_confusion(
+    confusion: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor
+) -> None:
+    """Add one to `confusion[target, predicted]` (K, K) for each pair, in place."""
+    confusion.index_put_((targets, predicted), confusion.new_ones(len(targets)), accumulate=True)
 
 
 def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
@@ -40,8 +48,8 @@ def evaluate(
     (`BothHeads`), and then `acc1` is that of their average (its prediction), and `acc1_cls`
     and `acc1_dist` those of each head alone. With several processes, each scores its own
     share of the val set and `reduce` (`Runtime.sum`) adds up the counts of all of them, so
-    every image counts once. `observe`, when given, sees every batch's logits and targets
-    (vit-eval builds its confusion matrix from them).
+    every image counts once. `observe`, when given, sees every batch's images, logits and
+    targets (vit-eval and the TensorBoard pictures build their confusion matrix from them).
     """
     model.eval()
     total_loss, count = 0.0, 0
@@ -66,7 +74,7 @@ def evaluate(
         hits["acc1"] += c1
         hits["acc5"] += c5
         if observe is not None:
-            observe(logits, targets)
+            observe(images, logits, targets)
         count += len(targets)
     if reduce is not None:
         totals = reduce(torch.tensor([total_loss, count, *hits.values()], dtype=torch.float64))

@@ -54,6 +54,7 @@ class EvalTransform:
     ) -> None:
         aug = AugmentConfig(eval_crop_ratio=eval_crop_ratio)
         self.img_size, self.in_chans = img_size, in_chans
+        self.mean, self.std = list(mean), list(std)
         self.max_pixels = max_pixels  # larger image files are refused before decoding
         self.image = image_transform(img_size, in_chans, aug, train=False)
         self.batch = build_batch_augment(aug, img_size, list(mean), list(std), shift=0, train=False)
@@ -250,6 +251,38 @@ def _yield_to_the_model(worker_id: int) -> None:
     """Lowest CPU priority for a reading worker: it runs when the model's threads leave a
     core idle, instead of preempting one of them and stalling the whole thread pool."""
     os.nice(19)
+
+
+def attention_pictures(
+    loaded: LoadedModel, paths: list[Path], batch_size: int = 32
+) -> Iterator[tuple[Path, torch.Tensor]]:
+    """(path, picture) for each readable image file: the image, captioned with the class it
+    is predicted as, beside its attention maps (`inspection.attention_grid`)."""
+    from vit_cli.attention import attention_maps
+    from vit_cli.figures import denormalize
+    from vit_cli.inspection import attention_grid
+
+    model, transform, class_names = loaded
+    for start in range(0, len(paths), batch_size):
+        readable, pixels = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                pixels.append(transform.read(path))
+            except UNREADABLE:
+                continue  # the predictions report it
+            readable.append(path)
+        if not readable:
+            continue
+        batch = transform.batch(torch.stack(pixels))
+        maps = attention_maps(model, batch)
+        shown = denormalize(batch, transform.mean, transform.std)
+        for i, path in enumerate(readable):
+            one = maps._replace(
+                maps=maps.maps[i : i + 1],
+                heads=None if maps.heads is None else maps.heads[i : i + 1],
+                predicted=maps.predicted[i : i + 1],
+            )
+            yield path, attention_grid(one, shown[i : i + 1], class_names)
 
 
 class FileResult(NamedTuple):

@@ -111,6 +111,14 @@ class Updater:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def lrs_by_scale(self) -> dict[str, float]:
+        """With layer decay or a head lr scale: the lr of each scale of the base lr, by
+        TensorBoard tag (`lr/x0.75`); else nothing, as `lr` says it all."""
+        groups = self.optimizer.param_groups
+        base = groups[0]["initial_lr"]
+        lrs = {f"lr/x{group['initial_lr'] / base:.4g}": group["lr"] for group in groups}
+        return lrs if len(lrs) > 1 else {}
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -174,6 +182,8 @@ def train_one_epoch(
                 targets = targets.to(device, non_blocking=True)
                 if mixer is not None:
                     images, targets = mixer(images, targets)  # targets: (B, K) distributions
+                if state.epoch == 0 and state.epoch_batches == 1:
+                    sinks.train_batch(images, targets, state.step)
                 with precision.autocast():
                     loss, logits, parts = loss_fn(images, model(images), targets)
                 loss_value = float(loss.detach())
@@ -225,6 +235,7 @@ def train_one_epoch(
                 "train/loss": float(window_loss / window_batches),
                 "lr": updater.lr,
                 "grad_norm": grad_norm,
+                **updater.lrs_by_scale(),
             }
             scaler = updater.scaler
             if scaler.is_enabled():

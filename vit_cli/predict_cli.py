@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from vit_cli.cli import add_model_options, reported_errors
 from vit_cli.host_memory import keep_freed_memory
@@ -18,6 +19,7 @@ USAGE_EXAMPLES = """examples:
   vit-predict best.pt digit.png
   vit-predict best.pt photos/ --topk 3
   vit-predict best.pt 'photos/**/*.jpg' --json > predictions.jsonl
+  vit-predict best.pt photo.jpg --attention maps/
 
 Inputs are image files, folders (their image files, recursively) or glob patterns (quote
 them so that the shell leaves them to vit-predict). Images are converted, resized and
@@ -37,6 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument(
+        "--attention",
+        type=Path,
+        metavar="OUT",
+        help="also write each image's attention maps as a PNG into folder OUT (ViT and DeiT: "
+        "attention rollout and the last block's heads; Swin: Grad-CAM)",
+    )
     add_model_options(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     parser.add_argument(
@@ -81,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = loaded_model(ckpt, args.checkpoint, args.ema, device)
     if args.max_pixels is not None:
         loaded.transform.max_pixels = args.max_pixels
+    pictures = (
+        write_attention(loaded, paths, args.attention, args.batch_size) if args.attention else {}
+    )
     results = predict_files(loaded, paths, args.topk, precision, args.batch_size, args.workers)
 
     failed = 0
@@ -90,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             line = {"path": str(result.path)}
             if result.error is None:
                 line["predictions"] = [p._asdict() for p in result.predictions]
+                if result.path in pictures:
+                    line["attention"] = str(pictures[result.path])
             else:
                 line["error"] = result.error
                 failed += 1
@@ -112,7 +126,31 @@ def run(args: argparse.Namespace) -> int:
             Console().print(table)
     if failed:
         stderr.print(f"{failed} of {len(paths)} files could not be read.", highlight=False)
+    if pictures and not args.json:
+        stderr.print(
+            f"Attention maps of {len(pictures)} images in {args.attention}/", highlight=False
+        )
     return 1 if failed else 0
+
+
+def write_attention(loaded, paths: list[Path], out: Path, batch_size: int) -> dict[Path, Path]:
+    """Each readable image's attention maps as `OUT/<file stem>.png`; returns the PNG of
+    each image file. Files of the same stem from different folders get `_2`, `_3`..."""
+    from vit_cli.figures import save_png
+    from vit_cli.inference import attention_pictures
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[Path, Path] = {}
+    taken: set[str] = set()
+    for path, picture in attention_pictures(loaded, paths, batch_size):
+        name, n = path.stem, 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}_{n}"
+        taken.add(name)
+        written[path] = out / f"{name}.png"
+        save_png(picture, written[path])
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,11 @@ main process gets sinks (`build_sinks`); the others report into an empty fan-out
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -46,7 +48,8 @@ class EpochReport:
 
 @dataclass
 class RunReport:
-    hparams: Hparams  # config leaves, for TensorBoard's HParams tab
+    hparams: Hparams  # config leaves for TensorBoard's HParams tab, the leading ones first
+    leading: list[str]  # the hparams its table shows first: the command line's keys
     results: dict[str, float]  # hparam/best_acc1, hparam/final_acc1, ...
     summary: dict[str, str]  # the summary table's rows
 
@@ -64,7 +67,13 @@ class Sink:
         """Figures of the run at optimizer step `step` (train loss, lr, teacher accuracy...)."""
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """A note about the run (what its pretrained weights gave the model...)."""
+        """A note about the run (its config, what its pretrained weights gave the model...)."""
+
+    def train_batch(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        """The run's first training batch, as the model takes it (normalised, mixed)."""
+
+    def pictures(self, pictures: dict[str, torch.Tensor], step: int) -> None:
+        """Rendered pictures (3, H, W) in [0, 1] by tag: confusion matrix, attention maps..."""
 
     def epoch_done(self, report: EpochReport) -> None:
         """An epoch was trained and scored."""
@@ -98,6 +107,14 @@ class Sinks(Sink):
         for sink in self.sinks:
             sink.text(tag, text, step)
 
+    def train_batch(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        for sink in self.sinks:
+            sink.train_batch(images, targets, step)
+
+    def pictures(self, pictures: dict[str, torch.Tensor], step: int) -> None:
+        for sink in self.sinks:
+            sink.pictures(pictures, step)
+
     def epoch_done(self, report: EpochReport) -> None:
         for sink in self.sinks:
             sink.epoch_done(report)
@@ -112,14 +129,21 @@ class Sinks(Sink):
 
 
 class TensorBoardSink(Sink):
-    """Scalars, every epoch's figures, and the run's HParams row, in the run folder."""
+    """Scalars, every epoch's figures, pictures, notes, and the run's HParams row, in the run
+    folder. `batch_pictures` renders the first training batch (None: not shown)."""
 
-    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        purge_step: int | None = None,
+        batch_pictures: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard hides what earlier event files in the folder logged from
         # this step on (a run continued in its own folder after a stop).
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.batch_pictures = batch_pictures
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -129,21 +153,46 @@ class TensorBoardSink(Sink):
         # TensorBoard renders Markdown: indented lines keep the text as it is.
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
+    def train_batch(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        if self.batch_pictures is not None:
+            self.writer.add_image("train/samples", self.batch_pictures(images, targets), step)
+
+    def pictures(self, pictures: dict[str, torch.Tensor], step: int) -> None:
+        for tag, picture in pictures.items():
+            self.writer.add_image(tag, picture, step)
+
     def epoch_done(self, report: EpochReport) -> None:
         self.scalars({**report.scalars, "epoch": report.epoch}, report.step)
 
     def run_done(self, report: RunReport) -> None:
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
         # Written into this run's own event file (not a sub-run) so sweep runs line up.
         file_writer = self.writer._get_file_writer()
-        for summary in hparams_summary(report.hparams, report.results):
+        for summary in hparams_summaries(report.hparams, report.leading, report.results):
             file_writer.add_summary(summary)
         for tag, value in report.results.items():
             self.writer.add_scalar(tag, value)
 
     def close(self) -> None:
         self.writer.close()
+
+
+def hparams_summaries(hparams: Hparams, leading: list[str], results: dict[str, float]) -> list:
+    """The HParams plugin's experiment, session-start and session-end summaries.
+
+    TensorBoard orders the table's columns by whether an hparam "differs" between runs,
+    then by name, and shows the first five with the rest a click away. Flagging the
+    command line's keys as differing puts them first (the core follows by its name).
+    """
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    experiment, start, end = hparams_summary(hparams, results)
+    content = experiment.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in leading
+    content.content = data.SerializeToString()
+    return [experiment, start, end]
 
 
 class TextLogSink(Sink):
@@ -224,8 +273,14 @@ class ProgressSink(Sink):
             self.progress = None
 
 
-def build_sinks(run_dir: Path, main: bool, purge_step: int | None = None) -> Sinks:
+def build_sinks(
+    run_dir: Path,
+    main: bool,
+    purge_step: int | None = None,
+    batch_pictures: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> Sinks:
     """The sinks of the main process; the other processes of a job report into none."""
     if not main:
         return Sinks([])
-    return Sinks([ProgressSink(), TensorBoardSink(run_dir, purge_step), TextLogSink()])
+    tensorboard = TensorBoardSink(run_dir, purge_step, batch_pictures)
+    return Sinks([ProgressSink(), tensorboard, TextLogSink()])

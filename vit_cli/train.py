@@ -60,7 +60,8 @@ def _train(cfg: DictConfig) -> float:
         with start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime:
             # One run folder for the whole job: the main process's.
             run_dir = runtime.broadcast(run_dir)
-            result = fit(train_cfg, run_dir, runtime)
+            overrides = list(HydraConfig.get().overrides.task)
+            result = fit(train_cfg, run_dir, runtime, overrides)
     # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
     return result.best_acc1
 

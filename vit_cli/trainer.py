@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from vit_cli.checkpoint import (
     set_rng_state,
 )
 from vit_cli.components import Components, build_components
-from vit_cli.config import TrainConfig, validate
+from vit_cli.config import TrainConfig, TrainerConfig, validate
 from vit_cli.errors import UserError
 from vit_cli.evaluation import evaluate
+from vit_cli.inspection import Pictures, confusion_table, model_summary
 from vit_cli.loop import TrainState, epoch_train_figures, summed_over_processes, train_one_epoch
 from vit_cli.runtime import Runtime, resolve_device
 from vit_cli.sinks import EpochReport, RunReport, Sinks, build_sinks
@@ -247,12 +249,19 @@ def _resume_path(resume: str | None, run_dir: Path) -> str | None:
     return str(last) if last.is_file() else None
 
 
-def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitResult:
+def fit(
+    cfg: TrainConfig,
+    run_dir: Path,
+    runtime: Runtime | None = None,
+    overrides: Sequence[str] = (),
+) -> FitResult:
     """Train `cfg` and write logs and checkpoints into `run_dir`.
 
     `runtime` is this process's place in a job of several (`runtime.start_runtime`); by
-    default, one process on the device `cfg.device` names. On SIGTERM or SIGUSR1 the run
-    finishes its optimizer step, writes `last.pt` and raises `Stopped`.
+    default, one process on the device `cfg.device` names. `overrides` are the command
+    line's (Hydra's `key=value` task overrides): TensorBoard's HParams table leads with them.
+    On SIGTERM or SIGUSR1 the run finishes its optimizer step, writes `last.pt` and raises
+    `Stopped`.
     """
     validate(cfg)
     t0 = time.perf_counter()
@@ -289,7 +298,16 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
     # A run continued in its own folder hides what the stopped run logged after its
     # checkpoint; a fresh run in a folder of a run that never wrote one hides all of it.
     purge_step = (state.step + 1 if resume else 0) if had_events else None
-    sinks = build_sinks(run_dir, runtime.is_main, purge_step)
+    pictures = None
+    if cfg.trainer.images_every_n_epochs is not None:
+        pictures = Pictures(
+            data.class_names, cfg.data.mean, cfg.data.std, cfg.trainer.images_per_grid
+        )
+    sinks = build_sinks(
+        run_dir, runtime.is_main, purge_step, pictures.train_batch if pictures else None
+    )
+    sinks.text("config", OmegaConf.to_yaml(cfg_dict), state.step)
+    sinks.text("model", model_summary(c.model), state.step)
     if c.pretrained is not None:
         for line in c.pretrained.summary().splitlines():
             log.info("%s", line)
@@ -322,20 +340,24 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
                 if state.epoch_batches < len(loader) and not pauses.at_max_steps(state):
                     checkpoints.save(state, metrics)  # trainer.checkpoint_every_n_steps
                     continue
-                metrics, is_best = _end_epoch(c, state, runtime, sinks)
+                metrics, is_best = _end_epoch(c, state, runtime, sinks, pictures, cfg.trainer)
                 checkpoints.save(state, metrics, best=is_best)
             wall = time.perf_counter() - t0
+            hparams = {
+                **_flat_hparams(cfg_dict),
+                "world_size": runtime.world_size,
+                "global_batch": global_batch,
+            }
+            hparams, leading = _leading_hparams(hparams, overrides, c.img_size)
             sinks.run_done(
                 RunReport(
-                    hparams={
-                        **_flat_hparams(cfg_dict),
-                        "world_size": runtime.world_size,
-                        "global_batch": global_batch,
-                    },
+                    hparams=hparams,
+                    leading=leading,
                     results={
                         "hparam/best_acc1": state.best_acc1,
                         "hparam/final_acc1": metrics.get("val/acc1", 0.0),
                         **({"hparam/best_ema_acc1": state.best_ema_acc1} if c.ema else {}),
+                        "hparam/wall_time_s": wall,
                     },
                     summary=_summary(cfg, c, state, metrics, wall, run_dir),
                 )
@@ -346,14 +368,33 @@ def fit(cfg: TrainConfig, run_dir: Path, runtime: Runtime | None = None) -> FitR
 
 
 def _end_epoch(
-    c: Components, state: TrainState, runtime: Runtime, sinks: Sinks
+    c: Components,
+    state: TrainState,
+    runtime: Runtime,
+    sinks: Sinks,
+    pictures: Pictures | None,
+    trainer: TrainerConfig,
 ) -> tuple[dict[str, float], bool]:
     """Score val after an epoch (or the steps up to trainer.max_steps) and report; returns
-    the epoch's figures by TensorBoard tag, and whether its val top-1 is the best so far."""
+    the epoch's figures by TensorBoard tag, and whether its val top-1 is the best so far.
+    Every trainer.images_every_n_epochs epochs, and after the last, val's pictures too."""
     train = epoch_train_figures(state, runtime)
-    val = evaluate(
-        c.eval_model, c.data.val_loader, c.precision, runtime.device, c.two_heads, runtime.sum
+    epoch = state.epoch + 1
+    pictures_due = pictures is not None and (
+        epoch % trainer.images_every_n_epochs == 0 or epoch >= trainer.epochs
     )
+    snapshot = pictures.snapshot() if pictures_due else None
+    val = evaluate(
+        c.eval_model, c.data.val_loader, c.precision, runtime.device, c.two_heads, runtime.sum,
+        observe=snapshot,
+    )  # fmt: skip
+    if snapshot is not None:
+        confusion = runtime.sum(snapshot.confusion)  # every process scored its share
+        if runtime.is_main:
+            sinks.pictures(pictures.val(snapshot, confusion, c.model), state.step)
+            table = confusion_table(confusion, c.data.class_names)
+            if table is not None:
+                sinks.text("val/confusion_matrix", table, state.step)
     if state.epoch_batches == len(c.data.train_loader):
         state.epoch, state.epoch_batches = state.epoch + 1, 0
     metrics = {f"val/{k}": v for k, v in val.items()}
@@ -404,6 +445,38 @@ def _summary(
     rows["wall time"] = f"{wall:.1f} s"
     rows["output dir"] = str(run_dir)
     return rows
+
+
+# The columns a user compares first, after the overridden keys; TensorBoard sorts by name,
+# and "core." sorts before every config section.
+CORE_HPARAMS = {
+    "core.model": "model.name", "core.optimizer": "optimizer.name", "core.lr": "optimizer.lr",
+    "core.batch": "data.batch_size", "core.epochs": "trainer.epochs",
+    "core.precision": "precision.name", "core.seed": "seed",
+}  # fmt: skip
+
+
+def _leading_hparams(
+    hparams: dict, overrides: Sequence[str], img_size: int
+) -> tuple[dict, list[str]]:
+    """`hparams` with the command line's keys first, then the core, then the rest; and the
+    overridden keys, which the HParams table shows first.
+
+    A config group chosen on the command line (`model=deit_small`) is a column of its own,
+    holding the choice; Hydra's own settings (`hydra.*`) are not hparams.
+    """
+    overridden = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        key = key.split("@")[0]
+        if key in hparams:
+            overridden[key] = hparams[key]
+        elif key and "." not in key and not key.startswith(("hydra", "hparams_search")):
+            overridden[key] = value  # a config group's choice
+    core = {name: hparams[key] for name, key in CORE_HPARAMS.items()}
+    core["core.img_size"] = img_size
+    rest = {k: v for k, v in hparams.items() if k not in overridden}
+    return {**overridden, **dict(sorted(core.items())), **rest}, list(overridden)
 
 
 def _flat_hparams(cfg_dict: dict) -> dict[str, float | int | str | bool]:

@@ -81,8 +81,37 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    keep_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(d) + mask) v over (..., N, d) tensors, and the softmax if kept.
+
+    Training and inference take PyTorch's fused scaled_dot_product_attention, which never
+    forms the weights. `keep_weights` computes the same attention with an explicit softmax
+    and returns its weights (..., N, N) too: only attention maps ask for it.
+    """
+    if not keep_weights:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p
+        ), None
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    weights = logits.softmax(dim=-1)
+    return F.dropout(weights, dropout_p) @ v, weights
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through PyTorch's fused scaled_dot_product_attention."""
+    """Multi-head self-attention through PyTorch's fused scaled_dot_product_attention.
+
+    With `keep_weights` set (`vit_cli.attention.recording_attention`), the forward pass
+    keeps its softmax weights (B, heads, N, N) in `weights` for attention maps.
+    """
 
     def __init__(
         self,
@@ -101,6 +130,8 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.keep_weights = False
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -108,9 +139,10 @@ class Attention(nn.Module):
         # Unbinding dim 2 (not a leading 3 after a permute) lets backward stack the q, k, v
         # gradients straight into the (B, N, 3C) layout of qkv, saving a copy per block.
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, N, hd)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, nh, N, hd)
+        dropout_p = self.attn_drop if self.training else 0.0
+        x, weights = attend(q, k, v, attn_mask, dropout_p, self.keep_weights)  # (B, nh, N, hd)
+        if self.keep_weights:
+            self.weights = weights
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -39,6 +39,7 @@ from vit_cli.models.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    attend,
     init_linear_trunc_normal,
     stochastic_depth_rates,
 )
@@ -142,6 +143,8 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.keep_weights = False  # see layers.Attention
+        self.weights: torch.Tensor | None = None
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -158,22 +161,24 @@ class WindowAttention(nn.Module):
             mask: optional (num_windows, N, N) additive mask, shared across the batch.
 
         Returns:
-            (B, num_windows, N, C).
+            (B, num_windows, N, C). With `keep_weights` set, the softmax weights
+            (B, num_windows, heads, N, N) are kept in `weights`.
         """
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, nh, N, hd)
+        nh = self.num_heads
+        qkv = self.qkv(x).view(B, nW, N, 3, nh, self.head_dim)
+        # Windows and heads share one axis, (B, nW * nh, N, hd), so that attention is 4-D
+        # with a mask broadcast over the batch: the layout fused kernels and exporters take.
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * nh, N, self.head_dim).unbind(0)
         attn_mask = self.relative_position_bias()  # (nh, N, N)
         if mask is not None:
             attn_mask = attn_mask + mask.unsqueeze(1)  # (nW, nh, N, N)
-        x = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask.to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, nW, nh, N, hd)
-        x = x.transpose(2, 3).reshape(B, nW, N, C)  # heads concatenated per token
+        attn_mask = attn_mask.expand(nW, nh, N, N).reshape(nW * nh, N, N).to(q.dtype)
+        dropout_p = self.attn_drop if self.training else 0.0
+        x, weights = attend(q, k, v, attn_mask, dropout_p, self.keep_weights)  # (B, nW*nh, N, hd)
+        if self.keep_weights:
+            self.weights = weights.view(B, nW, nh, N, N)
+        x = x.view(B, nW, nh, N, self.head_dim).transpose(2, 3).reshape(B, nW, N, C)
         return self.proj_drop(self.proj(x))
 
 
