@@ -3,8 +3,10 @@
 Builds the training loader exactly as `vit-train` does (`build_data`, with the config's
 augmentation, batch size and workers) and times iterating it with no model; then times
 training steps of the config's model on batches of the same shape (the training step of
-benchmarks/throughput.py: forward, cross-entropy, backward, optimizer step). Windows of
-each take turns, so a change in machine load hits both alike; figures are medians.
+benchmarks/throughput.py: forward, cross-entropy, backward, optimizer step). Both get
+`--warmup` untimed batches or steps, then windows of each take turns (benchmarks/timing.py),
+so a change in machine load hits both alike. Prints a table of the medians and the windows,
+and the loader's img/s over the training step's (5x or more: not the bottleneck).
 
 Without CIFAR on disk (`--synthetic`, the default), random uint8 images in the real CIFAR
 batch format are written to a temporary folder and read through the real loader.
@@ -18,18 +20,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pickle
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
+from rich.table import Table
 from torchvision import datasets
 
 from vit_cli.config import compose_train_config
@@ -38,19 +37,10 @@ from vit_cli.host_memory import keep_freed_memory
 from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer
 from vit_cli.precision import resolve_precision
+from vit_cli.runtime import resolve_device
 
-
-def _load_throughput():
-    """benchmarks/throughput.py, for its config, device and training-step helpers."""
-    path = Path(__file__).with_name("throughput.py")
-    spec = importlib.util.spec_from_file_location("throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-throughput = _load_throughput()
+# benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
+from timing import Timed, describe_host, host, make_console, make_train_step, measure
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -107,9 +97,9 @@ def endless(loader, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # as vit-train does
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = make_console()
     cfg = compose_train_config(args.overrides)
-    device = throughput.resolve_device(args.device)
+    device = resolve_device(args.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)
     img_size = cfg.model.img_size or cfg.data.img_size
 
@@ -119,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.root, cfg.data.download = tmp, False
             source = f"synthetic CIFAR-format data ({args.train_size} random 32x32 images)"
         else:
-            source = f"data={cfg.data.name} from {cfg.data.root}"
+            root = getattr(cfg.data, "root", None)  # digits and fake have none
+            source = f"data={cfg.data.name}" + (f" from {root}" if root else "")
         generator = torch.Generator()
         data = build_data(cfg.data, img_size, generator)
         batches = endless(data.train_loader, generator)
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, img_size, data.in_chans, data.num_classes).to(device)
         images, labels = next(batches)
-        step = throughput.make_train_step(
+        step = make_train_step(
             model,
             build_optimizer(cfg.optimizer, model),
             precision,
@@ -135,27 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             labels.to(device),
         )
         model.train()
+        # Every batch has the first one's size: full batches (drop_last), or the whole set.
+        batch = len(labels)
+        timings = measure(
+            {
+                "loader": Timed(lambda: next(batches), batch, args.batches_per_window),
+                "training": Timed(step, batch, args.steps_per_window),
+            },
+            warmup=args.warmup,
+            windows=args.windows,
+            device=device,
+        )
 
-        def loader_window(n: int) -> float:
-            start = time.perf_counter()
-            seen = sum(len(next(batches)[1]) for _ in range(n))
-            return seen / (time.perf_counter() - start)
-
-        batch = cfg.data.batch_size
-        loader_window(args.warmup)
-        for _ in range(args.warmup):
-            step()
-        loader_ips, train_ips = [], []
-        for _ in range(args.windows):
-            loader_ips.append(loader_window(args.batches_per_window))
-            seconds, _ = throughput.time_window(step, args.steps_per_window, device)
-            train_ips.append(args.steps_per_window * batch / seconds)
-
-    loader_median, train_median = statistics.median(loader_ips), statistics.median(train_ips)
     aug = cfg.data.augment
     console.print(
-        f"{throughput.device_name(device)} ({device.type}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {source}\n"
+        f"{describe_host(host(device))}; {source}\n"
         f"loader: batch {batch}, {cfg.data.num_workers} workers, shift {cfg.data.shift}, "
         f"hflip {aug.hflip}, auto_augment {aug.auto_augment}, erase {aug.erase_prob}; "
         f"model: {cfg.model.name} at {img_size} px, "
@@ -164,18 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         f"medians of {args.windows} windows: loader {args.batches_per_window} batches, "
         f"training {args.steps_per_window} steps"
     )
-    ratio = loader_median / train_median
-    console.print(f"loader   img/s: {loader_median:10.1f}  (windows {_fmt(loader_ips)})")
-    console.print(f"training img/s: {train_median:10.1f}  (windows {_fmt(train_ips)})")
-    console.print(
-        f"ratio: the loader is {ratio:.1f}x the training step "
-        + ("(>= 5x: the loader is not the bottleneck)" if ratio >= 5 else "[red](below 5x)[/]")
-    )
+    table = Table()
+    for column in ("", "img/s (median)", "img/s of each window"):
+        table.add_column(column, justify="right" if column == "img/s (median)" else "left")
+    for name, timing in timings.items():
+        windows = ", ".join(f"{v:.0f}" for v in timing.img_per_s)
+        table.add_row(name, f"{timing.median:.1f}", windows)
+    console.print(table)
+    ratio = timings["loader"].median / timings["training"].median
+    verdict = "(>= 5x: the loader is not the bottleneck)" if ratio >= 5 else "[red](below 5x)[/]"
+    console.print(f"ratio: the loader is {ratio:.1f}x the training step {verdict}")
     return 0
-
-
-def _fmt(values: list[float]) -> str:
-    return ", ".join(f"{v:.0f}" for v in values)
 
 
 if __name__ == "__main__":

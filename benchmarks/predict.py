@@ -1,13 +1,17 @@
 """vit-predict's file-to-prediction throughput against the bare model's, in one process.
 
 Writes N JPEG files (224 px by default) and a checkpoint of the configured model with
-random weights, then times, in alternating rounds:
+random weights, then times, after one untimed step of each, in rounds where the two take
+turns (benchmarks/timing.py):
   bare:    eval-mode forward passes on ready-made normalised batches (`inference_mode`),
-           the figure benchmarks/throughput.py reports as "infer img/s";
+           the figure benchmarks/throughput.py reports as "infer img/s"; a window is
+           as many batches as the files fill;
   predict: `predict_files`, the code vit-predict runs: read and decode each file, convert,
-           resize and crop, normalise, forward, softmax top-k, one result per file.
-Both use the same batch size and precision. Prints the medians and their ratio, and the
-wall time of one real `vit-predict --json` run over the same files (process start included).
+           resize and crop, normalise, forward, softmax top-k, one result per file; a
+           window is one pass over all the files.
+Both use the same batch size and precision. Prints a table of the medians, their ratio, and
+the wall time of one real `vit-predict --json` run over the same files (process start
+included).
 
 Examples:
     python benchmarks/predict.py
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from rich.markup import escape
+from rich.table import Table
 
 from vit_cli.checkpoint import FORMAT_VERSION, save_checkpoint
 from vit_cli.config import compose_train_config
@@ -39,6 +44,9 @@ from vit_cli.host_memory import keep_freed_memory
 from vit_cli.inference import expand_inputs, load_model, predict_files
 from vit_cli.models import build_model
 from vit_cli.precision import resolve_precision
+
+# benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
+from timing import Timed, describe_host, host, make_console, make_infer_step, measure, ratios
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,60 +117,63 @@ def write_checkpoint(path: Path, overrides: list[str], num_classes: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     kept = False if args.malloc_defaults else keep_freed_memory()
+    console = make_console()
+    cpu = torch.device("cpu")
     work = Path(tempfile.mkdtemp(prefix="vit_predict_bench_"))
     try:
         t0 = time.perf_counter()
         write_images(work / "images", args.images, args.size)
         img_size = write_checkpoint(work / "model.pt", args.overrides, args.num_classes)
-        print(f"wrote {args.images} JPEGs of {args.size} px in {time.perf_counter() - t0:.1f} s")
+        console.print(
+            f"wrote {args.images} JPEGs of {args.size} px in {time.perf_counter() - t0:.1f} s"
+        )
 
         loaded = load_model(work / "model.pt")
-        model = loaded.model
-        precision = resolve_precision(args.precision, torch.device("cpu"))
+        precision = resolve_precision(args.precision, cpu)
         paths = expand_inputs([str(work / "images")])
-        batches = math.ceil(args.images / args.batch_size)
         ready = torch.randn(args.batch_size, loaded.transform.in_chans, img_size, img_size)
 
-        def bare() -> float:
-            start = time.perf_counter()
-            with torch.inference_mode(), precision.autocast():
-                for _ in range(batches):
-                    model(ready)
-            return batches * args.batch_size / (time.perf_counter() - start)
-
-        def predict() -> float:
-            start = time.perf_counter()
+        def predict() -> None:
             results = list(
                 predict_files(loaded, paths, 5, precision, args.batch_size, args.workers)
             )
             assert len(results) == args.images and all(r.error is None for r in results)
-            return len(results) / (time.perf_counter() - start)
 
-        with torch.inference_mode():
-            model(ready)  # warm-up
-        figures: dict[str, list[float]] = {"bare": [], "predict": []}
-        for r in range(args.rounds):
-            order = ("bare", "predict") if r % 2 == 0 else ("predict", "bare")
-            for name in order:
-                figures[name].append(bare() if name == "bare" else predict())
-            print(
-                f"round {r + 1}: bare {figures['bare'][-1]:.1f} img/s, "
-                f"predict {figures['predict'][-1]:.1f} img/s"
+        def report_round(round_: int, timings: dict) -> None:
+            console.print(
+                f"round {round_ + 1}: bare {timings['bare'].img_per_s[-1]:.1f} img/s, "
+                f"predict {timings['predict'].img_per_s[-1]:.1f} img/s"
             )
-        paired = [p / b for p, b in zip(figures["predict"], figures["bare"], strict=True)]
-        bare_median = statistics.median(figures["bare"])
-        predict_median = statistics.median(figures["predict"])
-        print(
-            f"{args.images} images of {args.size} px, model {args.overrides or 'vit_tiny'} at "
-            f"{img_size} px, batch {args.batch_size}, {args.precision}, "
-            f"{torch.get_num_threads()} torch threads, {args.workers} loader worker(s), "
-            f"malloc {'freed memory kept' if kept else 'defaults'}"
+
+        batches = math.ceil(args.images / args.batch_size)
+        timings = measure(
+            {
+                "bare": Timed(
+                    make_infer_step(loaded.model, precision, ready), args.batch_size, batches
+                ),
+                "predict": Timed(predict, args.images),
+            },
+            warmup=1,
+            windows=args.rounds,
+            device=cpu,
+            after_round=report_round,
         )
-        print(f"bare model: {bare_median:.1f} img/s (median of {args.rounds})")
-        print(f"predict_files: {predict_median:.1f} img/s (median of {args.rounds})")
-        print(
-            f"ratio: {predict_median / bare_median:.3f} (of medians); "
-            f"{statistics.median(paired):.3f} (median of paired rounds)"
+        model = escape(" ".join(args.overrides) or "vit_tiny")
+        console.print(
+            f"{describe_host(host(cpu))}; {args.images} images of {args.size} px, model {model} "
+            f"at {img_size} px, batch {args.batch_size}, {args.precision}, "
+            f"{args.workers} loader worker(s), malloc {'freed memory kept' if kept else 'defaults'}"
+        )
+        table = Table(caption=f"medians of {args.rounds} rounds")
+        for column in ("path", "img/s"):
+            table.add_column(column, justify="left" if column == "path" else "right")
+        table.add_row("bare model", f"{timings['bare'].median:.1f}")
+        table.add_row("predict_files", f"{timings['predict'].median:.1f}")
+        console.print(table)
+        ratio = ratios(timings["predict"].img_per_s, timings["bare"].img_per_s)
+        console.print(
+            f"ratio: {ratio['ratio_of_medians']:.3f} (of medians); "
+            f"{ratio['median_of_paired_ratios']:.3f} (median of paired rounds)"
         )
         if not args.no_cli:
             vit_predict = shutil.which("vit-predict") or "vit-predict"
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - start
             lines = len(done.stdout.splitlines())
-            print(
+            console.print(
                 f"vit-predict --json (a new process, torch import and model load included): "
                 f"{lines} lines in {wall:.1f} s = {lines / wall:.1f} img/s, exit {done.returncode}"
             )

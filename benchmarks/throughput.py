@@ -1,10 +1,12 @@
 """Training and inference throughput of our models, side by side with timm's.
 
 Takes the same Hydra overrides as `vit-train` (positional `key=value`), plus its own
-`--flags`. Every model is measured with the same procedure in the same process: warm-up
-steps, then timed windows in which the models take turns (the order rotates each round),
-so a change in machine load hits all of them alike. Figures are medians over windows;
-against timm we also report the median of the per-round (paired) ratios.
+`--flags`. Every model is measured with the same procedure in the same process
+(benchmarks/timing.py): warm-up steps, then timed windows in which the models take turns
+(the order rotates each round), so a change in machine load hits all of them alike.
+Figures are medians over windows; against timm we also report the median of the per-round
+(paired) ratios. Prints a table: params, train and infer img/s, TFLOP/s, MFU against the
+host's matmul peak, peak memory, and the ratios against timm.
 
 With `--tensorboard-images` it measures what the TensorBoard pictures cost: whole `vit-train`
 runs (the trainer's `fit`, with its data, val and logging) with trainer.images_every_n_epochs
@@ -28,7 +30,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import importlib.util
@@ -40,13 +41,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -60,8 +59,26 @@ from vit_cli.host_memory import keep_freed_memory, release_freed_memory
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
-from vit_cli.precision import Precision, resolve_precision
+from vit_cli.precision import resolve_precision
 from vit_cli.runtime import resolve_device, start_runtime
+
+# benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
+from timing import (
+    Timed,
+    Timing,
+    default_matmul_size,
+    describe_host,
+    device_name,
+    host,
+    make_console,
+    make_infer_step,
+    make_train_step,
+    matmul_flops_per_s,
+    measure,
+    ratios,
+    synchronize,
+    take_turns,
+)
 
 # timm names by architecture, for the default peer: (embed_dim, depth, num_heads) for ViT,
 # (embed_dim, depths, num_heads) for Swin.
@@ -139,21 +156,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if (args.nproc is not None and args.nproc < 1) or args.rounds < 1:
         parser.error("--nproc and --rounds must be at least 1")
     return args
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- models
@@ -264,39 +266,7 @@ def forward_flops_per_image(model: nn.Module, images: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-# ----------------------------------------------------------------------------- steps
-
-
-def make_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-) -> Callable[[], torch.Tensor]:
-    """One training step: forward, loss, backward and optimizer step, as vit-train runs it."""
-    scaler = precision.grad_scaler()
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            loss = F.cross_entropy(model(images), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()
-
-    return step
-
-
-def make_infer_step(
-    model: nn.Module, precision: Precision, images: torch.Tensor
-) -> Callable[[], torch.Tensor]:
-    def step() -> torch.Tensor:
-        with torch.inference_mode(), precision.autocast():
-            return model(images)
-
-    return step
+# ----------------------------------------------------------------------------- memory
 
 
 def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> int | None:
@@ -343,13 +313,8 @@ def _reset_cpu_peak_rss() -> int | None:
 
 @dataclass
 class PhaseResult:
-    img_per_s: list[float] = field(default_factory=list)  # one per window
-    peak_memory: int | None = None  # bytes, of one extra untimed step
-    last_loss: float | None = None
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.img_per_s)
+    timing: Timing  # img/s of every window, and the output of the last step
+    peak_memory: int | None  # bytes, of one extra untimed step
 
 
 @dataclass
@@ -360,29 +325,6 @@ class Candidate:
     params: int
     forward_flops: float  # per image
     phases: dict[str, PhaseResult] = field(default_factory=dict)
-
-
-def time_window(
-    step: Callable[[], torch.Tensor], steps: int, device: torch.device
-) -> tuple[float, torch.Tensor]:
-    """Seconds for `steps` calls of `step`, and the last call's output."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = step()
-    synchronize(device)
-    return time.perf_counter() - start, out
-
-
-def matmul_flops_per_s(
-    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 3
-) -> float:
-    """Median FLOP/s of a square (size x size) matmul in `dtype`."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up
-    times = [time_window(lambda: a @ b, 1, device)[0] for _ in range(repeats)]
-    return 2 * size**3 / statistics.median(times)
 
 
 def measure_phase(
@@ -398,23 +340,19 @@ def measure_phase(
 
     Each round ends with a matmul peak sample; returns them, in FLOP/s.
     """
-    peak_samples = []
     for c in candidates:
         c.model.train(phase == "train")
-        c.phases[phase] = PhaseResult()
-        for _ in range(args.warmup):
-            steps[c.key]()
-    for round_ in range(args.windows):
-        shift = round_ % len(candidates)
-        for c in candidates[shift:] + candidates[:shift]:
-            result = c.phases[phase]
-            seconds, out = time_window(steps[c.key], args.steps_per_window, device)
-            result.img_per_s.append(args.steps_per_window * batch_size / seconds)
-            if phase == "train":
-                result.last_loss = out.item()
-        peak_samples.append(matmul_flops_per_s(*matmul, device))
+    peak_samples = []
+    timings = measure(
+        {c.key: Timed(steps[c.key], batch_size, args.steps_per_window) for c in candidates},
+        warmup=args.warmup,
+        windows=args.windows,
+        device=device,
+        after_round=lambda *_: peak_samples.append(matmul_flops_per_s(*matmul, device)),
+    )
     for c in candidates:
-        c.phases[phase].peak_memory = step_peak_memory(steps[c.key], device)
+        peak_memory = step_peak_memory(steps[c.key], device)
+        c.phases[phase] = PhaseResult(timings[c.key], peak_memory)
     return peak_samples
 
 
@@ -433,37 +371,29 @@ def summarize(candidates: list[Candidate], peak: dict[str, float]) -> dict[str, 
         }
         for phase, result in c.phases.items():
             flops = c.forward_flops * (3 if phase == "train" else 1)  # backward ~ 2x forward
-            achieved = flops * result.median
+            achieved = flops * result.timing.median
             memory = result.peak_memory
             entry[phase] = {
-                "img_per_s": result.median,
-                "img_per_s_windows": result.img_per_s,
+                "img_per_s": result.timing.median,
+                "img_per_s_windows": result.timing.img_per_s,
                 "tflop_per_s": achieved / 1e12,
                 "mfu": achieved / peak[phase],
                 "peak_mem_mib": None if memory is None else memory / 2**20,
             }
             if phase == "train":
-                entry[phase]["last_loss"] = result.last_loss
+                entry[phase]["last_loss"] = result.timing.last.item()
         if peer is not None and c is not peer:
             entry["vs_timm"] = {
-                phase: ratios(c.phases[phase], peer.phases[phase]) for phase in c.phases
+                phase: ratios(result.timing.img_per_s, peer.phases[phase].timing.img_per_s)
+                for phase, result in c.phases.items()
             }
         summary[c.key] = entry
     return summary
 
 
-def ratios(ours: PhaseResult, peer: PhaseResult) -> dict[str, float]:
-    pairs = [a / b for a, b in zip(ours.img_per_s, peer.img_per_s, strict=True)]
-    return {
-        "ratio_of_medians": ours.median / peer.median,
-        "median_of_paired_ratios": statistics.median(pairs),
-    }
-
-
 def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None:
     console.print(
-        f"[bold]{meta['device_name']}[/] ({meta['device']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads, malloc {meta['malloc']}, "
+        f"{describe_host(meta)}, malloc {meta['malloc']}, "
         f"precision {meta['precision']} ({meta['dtype']}), "
         f"batch {meta['batch_size']} (eval {meta['eval_batch_size']}), {meta['img_size']} px"
         + (f", torch.compile mode={meta['compile_mode']}" if meta["compile"] else "")
@@ -542,7 +472,10 @@ def build_candidates(
             "No timm model is known for this config: pass --timm-model NAME. Skipping the peer."
         )
     elif peer_name is not None and importlib.util.find_spec("timm") is None:
-        console.print("timm is not installed (pip install -e '.[dev]'): skipping the peer.")
+        console.print(
+            'timm is not installed (pip install -e ".[dev]", or pip install timm): '
+            "skipping the peer."
+        )
     elif peer_name is not None:
         torch.manual_seed(cfg.seed)
         peer = build_timm_peer(peer_name, cfg.model, img_size, args.in_chans, args.num_classes)
@@ -589,7 +522,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
 
     candidates = build_candidates(cfg, args, console, img_size, images)
     dtype = precision.autocast_dtype or torch.float32
-    matmul = (args.matmul_size or (4096 if device.type == "cuda" else 2048), dtype)
+    matmul = (args.matmul_size or default_matmul_size(device), dtype)
     train_steps = {
         c.key: make_train_step(
             c.model, build_optimizer(cfg.optimizer, c.model), precision, images, labels
@@ -607,10 +540,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     peak = {phase: statistics.median(samples) for phase, samples in peak_samples.items()}
 
     meta = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **host(device),
         "malloc": "freed memory kept" if kept else "defaults",
         "precision": precision.name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -665,16 +595,12 @@ def ddp_worker(args: argparse.Namespace) -> None:
         step = make_train_step(
             step_model, optimizer, precision, images.to(device), labels.to(device)
         )
-        for _ in range(args.warmup):
-            step()
         global_batch = batch_size * runtime.world_size
-        img_per_s = []
-        for _ in range(args.windows):
-            seconds, _ = time_window(step, args.steps_per_window, device)
-            img_per_s.append(args.steps_per_window * global_batch / seconds)
+        timed = Timed(step, global_batch, args.steps_per_window)
+        timing = measure({"train": timed}, warmup=args.warmup, windows=args.windows, device=device)
         if runtime.is_main:
             report = {
-                "img_per_s_windows": img_per_s,
+                "img_per_s_windows": timing["train"].img_per_s,
                 "processes": runtime.world_size,
                 "threads_per_process": torch.get_num_threads(),
                 "batch_size": batch_size,
@@ -714,26 +640,31 @@ def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
     }  # fmt: skip
     # The host's speed, for figures quoted apart from their ratio: one process, all threads.
     torch.set_num_threads(threads * nproc)
-    matmul_size = args.matmul_size or (4096 if cuda else 2048)
+    matmul_size = args.matmul_size or default_matmul_size(device)
     peak = matmul_flops_per_s(matmul_size, torch.float32, device)
-    results: dict[str, list[dict]] = {"one": [], "ddp": []}
+
+    def launcher(name: str, tmp: Path) -> Callable[[int], dict]:
+        def launch(round_: int) -> dict:
+            command, omp_threads = setups[name]
+            out = tmp / f"{name}{round_}.json"
+            env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
+            done = subprocess.run(
+                [*command, f"--ddp-worker={out}"], env=env, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise UserError(
+                    f"the {name} setup failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
+            report = json.loads(out.read_text())
+            img_per_s = statistics.median(report["img_per_s_windows"])
+            console.print(f"round {round_ + 1}: {name} {img_per_s:.1f} img/s")
+            return report
+
+        return launch
+
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            for name in ("one", "ddp") if round_ % 2 == 0 else ("ddp", "one"):
-                command, omp_threads = setups[name]
-                out = Path(tmp) / f"{name}{round_}.json"
-                env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
-                done = subprocess.run(
-                    [*command, f"--ddp-worker={out}"], env=env, capture_output=True, text=True
-                )
-                if done.returncode != 0:
-                    raise UserError(
-                        f"the {name} setup failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-                    )
-                results[name].append(json.loads(out.read_text()))
-                console.print(
-                    f"round {round_ + 1}: {name} {statistics.median(results[name][-1]['img_per_s_windows']):.1f} img/s"
-                )
+        launches = {name: launcher(name, Path(tmp)) for name in setups}
+        results = take_turns(launches, args.rounds)
     medians = {
         name: [statistics.median(r["img_per_s_windows"]) for r in runs]
         for name, runs in results.items()
@@ -749,10 +680,7 @@ def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
             }
             for name, runs in results.items()
         },
-        "ratio_of_medians": statistics.median(medians["ddp"]) / statistics.median(medians["one"]),
-        "median_of_paired_ratios": statistics.median(
-            a / b for a, b in zip(medians["ddp"], medians["one"], strict=True)
-        ),
+        **ratios(medians["ddp"], medians["one"]),
         "ideal_ratio": float(nproc) if cuda else 1.0,
         "matmul_tflop_per_s": peak / 1e12,
         "matmul_size": matmul_size,
@@ -793,30 +721,32 @@ def run_tensorboard_images(args: argparse.Namespace, console: Console) -> dict:
     from vit_cli.trainer import fit
 
     setups = {"on": "trainer.images_every_n_epochs=1", "off": "trainer.images_every_n_epochs=null"}
-    runs: dict[str, list[dict]] = {"on": [], "off": []}
     if not args.malloc_defaults:
         keep_freed_memory()
+
+    def trainer(name: str, tmp: Path) -> Callable[[int], dict]:
+        def train(round_: int) -> dict:
+            cfg = compose_train_config([*args.overrides, setups[name]])
+            if args.device:
+                cfg.device = args.device
+            run_dir = tmp / f"{name}{round_}"
+            result = fit(cfg, run_dir)
+            events = run_dir.glob("events.out.tfevents.*")
+            trained = result.final_metrics["throughput"]  # the last epoch's, as logged
+            console.print(
+                f"round {round_ + 1}: pictures {name}: train {trained:.1f} img/s, "
+                f"run {result.wall_time:.1f} s"
+            )
+            return {
+                "train_img_per_s": trained,
+                "wall_s": result.wall_time,
+                "event_bytes": sum(f.stat().st_size for f in events),
+            }
+
+        return train
+
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            for name in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
-                cfg = compose_train_config([*args.overrides, setups[name]])
-                if args.device:
-                    cfg.device = args.device
-                run_dir = Path(tmp) / f"{name}{round_}"
-                result = fit(cfg, run_dir)
-                events = run_dir.glob("events.out.tfevents.*")
-                trained = result.final_metrics["throughput"]  # the last epoch's, as logged
-                runs[name].append(
-                    {
-                        "train_img_per_s": trained,
-                        "wall_s": result.wall_time,
-                        "event_bytes": sum(f.stat().st_size for f in events),
-                    }
-                )
-                console.print(
-                    f"round {round_ + 1}: pictures {name}: train {trained:.1f} img/s, "
-                    f"run {result.wall_time:.1f} s"
-                )
+        runs = take_turns({name: trainer(name, Path(tmp)) for name in setups}, args.rounds)
     summary = {}
     for key in ("train_img_per_s", "wall_s"):
         on = [r[key] for r in runs["on"]]
@@ -824,7 +754,7 @@ def run_tensorboard_images(args: argparse.Namespace, console: Console) -> dict:
         summary[key] = {
             "on": statistics.median(on),
             "off": statistics.median(off),
-            "ratio_on_off": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+            "ratio_on_off": ratios(on, off)["median_of_paired_ratios"],
         }
     table = Table(caption=f"medians over {args.rounds} runs of each; ratio: median of paired")
     for column in ("figure", "pictures on", "pictures off", "on / off"):
@@ -846,8 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp_worker is not None:
         ddp_worker(args)
         return 0
-    # Wide enough for the table when the output goes to a file or a pipe.
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     try:
         if args.tensorboard_images:
             results = run_tensorboard_images(args, console)

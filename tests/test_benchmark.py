@@ -1,4 +1,6 @@
-"""benchmarks/throughput.py runs end to end and writes a complete, sensible JSON report."""
+"""The benchmarks: their shared timing procedure (benchmarks/timing.py), and every script
+run end to end as users run it (`python benchmarks/NAME.py ...`), throughput.py writing a
+complete, sensible JSON report."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY
 from vit_cli.models.vit import VisionTransformer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "throughput.py"
 
 # A two-block ViT at 32 px, a few steps of each kind: seconds, not minutes.
 TINY_RUN = [
@@ -40,18 +44,127 @@ def _positive(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def run_throughput(tmp_path: Path, *args: str) -> tuple[str, dict]:
-    """Run the script with `args`; returns what it printed and the JSON it wrote."""
-    out = tmp_path / "bench.json"
+def run_script(tmp_path: Path, name: str, *args: str) -> str:
+    """Run benchmarks/`name` as a script, in `tmp_path`; returns what it printed."""
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, f"--json={out}"],
+        [sys.executable, str(BENCHMARKS / name), *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout, json.loads(out.read_text())
+    return result.stdout
+
+
+def run_throughput(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run throughput.py with `args`; returns what it printed and the JSON it wrote."""
+    out = tmp_path / "bench.json"
+    stdout = run_script(tmp_path, "throughput.py", *args, f"--json={out}")
+    return stdout, json.loads(out.read_text())
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """Import a benchmark module by name, from benchmarks/ as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+class FakeClock:
+    """time.perf_counter for a host where every step takes exactly one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.now += 1.0
+
+
+# ----------------------------------------------------------------------------- timing.py
+
+
+def test_rotated_moves_the_first_candidate_to_the_back_each_round(benchmarks):
+    rotated = benchmarks("timing").rotated
+    assert [rotated("abc", r) for r in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+
+
+def test_measure_warms_up_then_gives_each_candidate_one_window_per_round_in_rotating_order(
+    benchmarks, monkeypatch
+):
+    timing = benchmarks("timing")
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    calls, rounds_seen = [], []
+
+    def step(name: str):
+        def run() -> str:
+            calls.append(name)
+            clock.step()
+            return f"{name}{len(calls)}"
+
+        return run
+
+    timings = timing.measure(
+        {"a": timing.Timed(step("a"), images=8, steps=2), "b": timing.Timed(step("b"), 3)},
+        warmup=1,
+        windows=3,
+        device=torch.device("cpu"),
+        after_round=lambda round_, _: rounds_seen.append(round_),
+    )
+
+    assert calls == ["a", "b"] + ["a", "a", "b"] + ["b", "a", "a"] + ["a", "a", "b"]
+    assert rounds_seen == [0, 1, 2]
+    # One second per step: a window's img/s is the images of one step.
+    assert timings["a"].img_per_s == [8.0, 8.0, 8.0] and timings["a"].median == 8.0
+    assert timings["b"].img_per_s == [3.0, 3.0, 3.0]
+    assert (timings["a"].last, timings["b"].last) == ("a10", "b11")  # the 10th and 11th calls
+
+
+def test_take_turns_rotates_whole_runs_and_keeps_their_results_in_round_order(benchmarks):
+    timing = benchmarks("timing")
+    calls = []
+
+    def run(name: str):
+        def launch(round_: int) -> str:
+            calls.append(name)
+            return f"{name}{round_}"
+
+        return launch
+
+    results = timing.take_turns({"one": run("one"), "ddp": run("ddp")}, rounds=3)
+    assert calls == ["one", "ddp", "ddp", "one", "one", "ddp"]
+    assert results == {"one": ["one0", "one1", "one2"], "ddp": ["ddp0", "ddp1", "ddp2"]}
+
+
+def test_ratios_are_the_ratio_of_medians_and_the_median_of_paired_ratios(benchmarks):
+    ratios = benchmarks("timing").ratios
+    figures = ratios([2.0, 4.0, 9.0], [1.0, 4.0, 3.0])
+    assert figures["ratio_of_medians"] == pytest.approx(4.0 / 3.0)
+    assert figures["median_of_paired_ratios"] == pytest.approx(2.0)  # of 2, 1 and 3
+
+
+def test_matmul_rate_and_host_description_are_sensible(benchmarks):
+    timing = benchmarks("timing")
+    cpu = torch.device("cpu")
+    assert _positive(timing.matmul_flops_per_s(64, torch.float32, cpu))
+    host = timing.host(cpu)
+    assert host["device"] == "cpu" and host["threads"] == torch.get_num_threads()
+    threads = torch.get_num_threads()
+    assert timing.describe_host(host).endswith(
+        f"(cpu), torch {torch.__version__}, {threads} threads"
+    )
+
+
+# ----------------------------------------------------------------------------- the scripts
 
 
 @pytest.mark.slow
@@ -85,16 +198,8 @@ def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_pa
     assert naive["params"] == ours["params"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_naive_attention_computes_the_same_outputs_as_fused_attention():
-    throughput = _load_script()
+def test_naive_attention_computes_the_same_outputs_as_fused_attention(benchmarks):
+    throughput = benchmarks("throughput")
     torch.manual_seed(0)
     ours = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4).eval()
     naive = throughput.with_naive_attention(ours).eval()
@@ -115,3 +220,45 @@ def test_data_parallel_mode_compares_two_processes_with_one_at_the_same_global_b
     assert all(_positive(x) for x in (one["img_per_s"], ddp["img_per_s"]))
     assert report["ratio_of_medians"] == pytest.approx(ddp["img_per_s"] / one["img_per_s"])
     assert report["global_batch"] == 4 and report["ideal_ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_tensorboard_images_mode_prints_pictures_on_against_off(tmp_path):
+    stdout = run_script(
+        tmp_path, "throughput.py", *TINY, "trainer.epochs=1", "--tensorboard-images", "--rounds=1"
+    )
+    assert "pictures on" in stdout and "run wall time (s)" in stdout
+
+
+@pytest.mark.slow
+def test_loader_script_prints_loader_and_training_img_per_s_and_their_ratio(tmp_path):
+    stdout = run_script(
+        tmp_path, "loader.py", *TINY_RUN[:6], "data=cifar10", "data.batch_size=8",
+        "--train-size=50", "--warmup=1", "--windows=2", "--batches-per-window=1",
+        "--steps-per-window=1",
+    )  # fmt: skip
+    assert "synthetic CIFAR-format data (50 random 32x32 images)" in stdout
+    assert "loader" in stdout and "training" in stdout
+    assert "ratio: the loader is" in stdout
+
+
+@pytest.mark.slow
+def test_predict_script_compares_predict_files_with_the_bare_model(tmp_path):
+    stdout = run_script(
+        tmp_path, "predict.py", *TINY_RUN[1:6], "--images=4", "--size=32", "--batch-size=2",
+        "--rounds=2", "--num-classes=10", "--no-cli",
+    )  # fmt: skip
+    assert "round 2: bare" in stdout
+    assert "bare model" in stdout and "predict_files" in stdout
+    assert "(median of paired rounds)" in stdout
+
+
+@pytest.mark.slow
+def test_cpu_fp16_script_prints_every_mode_against_fp32(tmp_path):
+    stdout = run_script(
+        tmp_path, "cpu_fp16.py", "--model=vit", "--img-size=16", "--batch=2", "--windows=2",
+        "--steps=1",
+    )  # fmt: skip
+    for mode in ("fp32", "bf16", "fp16 + GradScaler"):
+        assert mode in stdout
+    assert "1.00x (1.00x)" in stdout

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from rich.logging import RichHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY, _vit_train_command
 from vit_cli.checkpoint import load_checkpoint
+from vit_cli.cli import reported_errors
+from vit_cli.console import log_handler
+from vit_cli.errors import UserError
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -45,6 +53,78 @@ def test_train_on_digits_writes_config_log_events_and_checkpoints(run_cli, tmp_p
     assert max(e.value for e in events.Scalars("val/acc1")) == pytest.approx(
         best["metrics"]["val/acc1"]
     )
+
+
+def piped_vit_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`vit-train` writing into pipes, as under nohup, in CI or in a Slurm log. COLUMNS and
+    FORCE_COLOR would have rich wrap every record at 40 columns, were it used."""
+    env = {**os.environ, "COLUMNS": "40", "FORCE_COLOR": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [*_vit_train_command(), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+LOG_RECORD = re.compile(r"\[[^\]]+\]\[[\w.]+\]\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] \S")
+
+
+@pytest.mark.slow
+def test_off_a_terminal_each_log_record_and_summary_row_is_one_line(tmp_path):
+    result = piped_vit_train(tmp_path, *TINY, "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    summary = lines.index("vit-train summary")
+    records, rows = lines[:summary], lines[summary + 1 :]
+    assert records and all(LOG_RECORD.match(line) for line in records), result.stdout
+    assert records == (tmp_path / "run" / "train.log").read_text().splitlines()
+    # The first epoch's record, from its number to its speed, on one line.
+    epoch = re.compile(
+        r"epoch 1/2 step \d+: train loss \S+ acc \S+% \| "
+        r"val loss \S+ acc1 \S+% acc5 \S+% \| \d+ img/s"
+    )
+    assert sum(bool(epoch.search(line)) for line in records) == 1, result.stdout
+    assert rows and all(re.fullmatch(r"  [^:]+: \S.*", row) for row in rows), result.stdout
+    assert f"  output dir: {tmp_path / 'run'}" in rows
+
+
+def test_off_a_terminal_an_error_message_is_one_whole_line(tmp_path):
+    nowhere = tmp_path / ("a_folder_with_a_long_name_" * 8) / "last.pt"
+    result = piped_vit_train(tmp_path, *TINY, f"trainer.resume={nowhere}")
+    assert result.returncode == 2
+    message = f"vit-train: error: Checkpoint {nowhere} does not exist. Pass the path of a .pt"
+    assert any(line.startswith(message) for line in result.stderr.splitlines()), result.stderr
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_records_go_through_rich_on_a_terminal_only(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert isinstance(log_handler("%(message)s"), RichHandler)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    handler = log_handler("[%(levelname)s] %(message)s")
+    assert not isinstance(handler, RichHandler)
+    long = "x" * 300 + " and " + "y" * 300
+    handler.handle(logging.makeLogRecord({"msg": long, "levelname": "INFO"}))
+    assert sys.stdout.getvalue() == f"[INFO] {long}\n"
+
+
+def test_an_error_is_a_panel_on_a_terminal_and_one_line_elsewhere(monkeypatch, tmp_path):
+    message = f"Checkpoint {tmp_path / ('z' * 200)} does not exist [see --help]."
+    for stderr in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        with pytest.raises(SystemExit) as exit_info, reported_errors():
+            raise UserError(message)
+        assert exit_info.value.code == 2
+        if isinstance(stderr, Terminal):
+            assert "╭" in stderr.getvalue() and "[see --help]" in stderr.getvalue()
+        else:
+            assert stderr.getvalue() == f"vit-train: error: {message}\n"
 
 
 def test_unknown_model_option_lists_the_valid_ones(run_cli):

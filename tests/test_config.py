@@ -9,7 +9,7 @@ from vit_cli.errors import UserError
 
 CONFIG_ROOT = files("vit_cli.configs")
 # Options with mandatory values that have no default.
-REQUIRED = {"imagefolder": ["data.root=/data", "data.num_classes=2"]}
+REQUIRED = {"imagefolder": ["data.root=/data"]}
 
 
 def options(group: str) -> list[str]:
@@ -101,8 +101,6 @@ def test_unknown_group_option_lists_the_valid_ones(compose_cfg):
         ("data.num_classes=0", "data.num_classes"),
         ("data.std=[0]", "data.std"),
         ("data.eval_batch_size=-3", "data.eval_batch_size"),
-        ("data.train_size=0", "data.train_size"),
-        ("data.split_seed=-1", "data.split_seed"),
         ("data.augment.randaugment_ops=-1", "data.augment.randaugment_ops"),
         ("optimizer.eps=0", "optimizer.eps"),
         ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
@@ -115,6 +113,33 @@ def test_unknown_group_option_lists_the_valid_ones(compose_cfg):
 def test_out_of_range_values_are_rejected_naming_the_key(compose_cfg, override, key):
     with pytest.raises(UserError, match=rf"^{re.escape(key)}=.* is invalid: it must be"):
         validate(compose_cfg(override))
+
+
+@pytest.mark.parametrize(
+    ("source", "override", "key"),
+    [
+        ("fake", "data.train_size=0", "data.train_size"),
+        ("fake", "data.val_size=0", "data.val_size"),
+        ("imagefolder", "data.split_seed=-1", "data.split_seed"),
+        ("imagefolder", "data.val_fraction=1", "data.val_fraction"),
+        ("cifar10", "data.name=cifar7", "data.name"),
+    ],
+)
+def test_out_of_range_values_of_a_source_are_rejected_naming_the_key(
+    compose_cfg, source, override, key
+):
+    with pytest.raises(UserError, match=rf"^{re.escape(key)}=.* is invalid: it must be"):
+        validate(compose_cfg(f"data={source}", *REQUIRED.get(source, []), override))
+
+
+def test_each_source_has_its_own_keys_and_no_others(compose_cfg):
+    folder = compose_cfg("data=imagefolder", "data.root=/data").data
+    assert isinstance(folder, DataConfig) and folder.num_classes is None
+    assert (folder.val_fraction, folder.split_seed) == (0.0, 0)
+    assert compose_cfg("data=cifar100").data.check_md5
+    for source, key in [("digits", "train_size"), ("fake", "root"), ("cifar10", "val_fraction")]:
+        with pytest.raises(ConfigCompositionException, match=f"data.{key}"):
+            compose_cfg(f"data={source}", f"data.{key}=1")
 
 
 @pytest.mark.parametrize(
@@ -134,5 +159,6 @@ def test_out_of_range_swin_values_are_rejected_naming_the_key(compose_cfg, overr
 def test_no_clipping_and_every_shipped_config_pass_the_checks(compose_cfg):
     validate(compose_cfg("trainer.grad_clip=null"))
     validate(compose_cfg("trainer.grad_clip=0"))
-    for preset in ("digits_best", "vit_cifar10", "deit_tiny_imagenet", "swin_tiny_imagenet"):
+    validate(compose_cfg("experiment=digits_best"))  # the digits have no data.root
+    for preset in ("vit_cifar10", "deit_tiny_imagenet", "swin_tiny_imagenet"):
         validate(compose_cfg(f"experiment={preset}", "data.root=/data"))

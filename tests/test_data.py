@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
 import tarfile
+from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,16 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from tests.conftest import TINY
+from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.config import AugmentConfig, DataConfig
 from vit_cli.data import UNREADABLE, UnsupportedImage, build_data, prepare_data, read_image
+from vit_cli.data.cifar import CifarConfig
+from vit_cli.data.fake import FakeConfig
+from vit_cli.data.imagefolder import ImageFolderConfig
 from vit_cli.errors import UserError
+from vit_cli.eval_cli import main as eval_main
+from vit_cli.trainer import fit
 
 
 def digits(**kw) -> DataConfig:
@@ -89,8 +99,7 @@ def test_repeated_augmentation_keeps_the_epoch_length():
 
 
 def test_fake_data_has_the_requested_shape_and_classes():
-    cfg = DataConfig(
-        name="fake",
+    cfg = FakeConfig(
         in_chans=3,
         num_classes=4,
         mean=[0.5] * 3,
@@ -109,6 +118,13 @@ def test_fake_data_has_the_requested_shape_and_classes():
 def test_num_classes_must_match_the_dataset():
     with pytest.raises(UserError, match="data.num_classes=3 but data=digits has 10"):
         build_data(digits(num_classes=3), 8, torch.Generator())
+
+
+def test_a_source_configured_with_another_source_s_schema_is_refused():
+    with pytest.raises(UserError, match="choose it with data=fake, not by setting data.name"):
+        build_data(DataConfig(name="fake"), 8, torch.Generator())
+    with pytest.raises(UserError, match="Unknown data.name='nope'. Valid names: cifar10, "):
+        build_data(DataConfig(name="nope"), 8, torch.Generator())
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -130,9 +146,9 @@ def corrupt_png(path: Path) -> None:
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
 
 
-def folder_cfg(root: Path, **kw) -> DataConfig:
+def folder_cfg(root: Path, **kw) -> ImageFolderConfig:
     kw = {"in_chans": 3, "num_classes": 2, "mean": [0.5] * 3, "std": [0.5] * 3, **kw}
-    return DataConfig(name="imagefolder", root=str(root), **kw)
+    return ImageFolderConfig(root=str(root), **kw)
 
 
 def test_imagefolder_loads_train_and_val_folders(tmp_path):
@@ -208,6 +224,15 @@ def test_single_folder_is_split_per_class_with_a_fixed_seed(tmp_path):
     assert len(train) == 24 and not train & val
     assert split(0) == (train, val)
     assert split(1)[1] != val
+
+
+def test_imagefolder_classes_come_from_the_folders_and_a_given_count_must_match(tmp_path):
+    write_pngs(tmp_path, "train", ["cat", "dog", "eel"])
+    write_pngs(tmp_path, "val", ["cat", "dog", "eel"])
+    data = build_data(folder_cfg(tmp_path, num_classes=None), 16, torch.Generator())
+    assert data.num_classes == 3 and data.class_names == ["cat", "dog", "eel"]
+    with pytest.raises(UserError, match=r"data.num_classes=2 but .* has 3 class folders \(cat, "):
+        build_data(folder_cfg(tmp_path, num_classes=2), 16, torch.Generator())
 
 
 def test_missing_root_says_what_to_do(tmp_path):
@@ -298,8 +323,8 @@ def write_cifar_archive(root: Path, name: str = "cifar10", per_batch: int = 6) -
     return files[cls.test_list[0][0]][0]
 
 
-def cifar_cfg(root: Path, name: str = "cifar10", **kw) -> DataConfig:
-    return DataConfig(
+def cifar_cfg(root: Path, name: str = "cifar10", **kw) -> CifarConfig:
+    return CifarConfig(
         name=name,
         root=str(root),
         in_chans=3,
@@ -490,3 +515,100 @@ def test_an_oversized_image_in_a_folder_is_skipped_and_counted(tmp_path):
     data = build_data(folder_cfg(tmp_path, max_image_pixels=100 * 100), 16, torch.Generator())
     images, _ = all_batches(data.train_loader)
     assert len(images) == 4 and data.skipped.take() == 1
+
+
+# ----------------------------------------------------------------------------- sources
+
+TOY_MODULE = '''"""data=toy: four classes of flat grey images, made in memory."""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import TensorDataset
+
+from vit_cli.config import DataConfig
+from vit_cli.data import DataSource
+from vit_cli.data._shared import Splits
+
+
+@dataclass
+class ToyConfig(DataConfig):
+    name: str = "toy"
+    images: int = 64
+
+
+def build(cfg: ToyConfig, img_size: int) -> Splits:
+    labels = torch.arange(cfg.images) % 4
+    images = (labels / 3.0).view(-1, 1, 1, 1).expand(-1, cfg.in_chans, img_size, img_size)
+    data = TensorDataset(images.contiguous(), labels)
+    return Splits(data, data, ["a", "b", "c", "d"])
+
+
+SOURCE = DataSource(schema=ToyConfig, build=build)
+'''
+
+TOY_YAML = """defaults:
+  - /schema/data/toy@_here_
+  - _self_
+
+name: toy
+img_size: 8
+in_chans: 1
+num_classes: 4
+mean: [0.5]
+std: [0.5]
+batch_size: 16
+images: 64
+"""
+
+
+@pytest.fixture
+def toy_source(monkeypatch) -> Iterator[None]:
+    """configs/data/toy.yaml and vit_cli/data/toy.py, removed afterwards whatever happens."""
+    module = Path(str(files("vit_cli.data"))) / "toy.py"
+    yaml = Path(str(files("vit_cli.configs"))) / "data" / "toy.yaml"
+    assert not module.exists() and not yaml.exists(), "a toy source is left from another run"
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # no toy .pyc in __pycache__
+    try:
+        module.write_text(TOY_MODULE)
+        yaml.write_text(TOY_YAML)
+        yield
+    finally:
+        module.unlink(missing_ok=True)
+        yaml.unlink(missing_ok=True)
+        for compiled in (module.parent / "__pycache__").glob("toy.*.pyc"):
+            compiled.unlink()
+
+
+@pytest.mark.slow
+def test_a_new_source_is_one_module_and_one_yaml(toy_source, run_cli, tmp_path):
+    result = run_cli("data=toy", "data.images=48", *TINY, "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["data"]["class_names"] == ["a", "b", "c", "d"]
+    assert ckpt["config"]["data"]["images"] == 48
+    assert ckpt["state"]["step"] == 2 * 48 // 16  # TINY: 2 epochs of 3 batches
+    # Its own keys are checked at composition like any other.
+    typo = run_cli("data=toy", "data.imagse=48")
+    assert typo.returncode == 2 and "imagse" in typo.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_flat_data_config_of_before_resumes_and_scores(
+    compose_cfg, tmp_path, capsys
+):
+    fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
+    ckpt = load_checkpoint(tmp_path / "first" / "last.pt")
+    # As written when one DataConfig held the keys of every source.
+    ckpt["config"]["data"].update(
+        root=None, download=False, check_md5=True, val_fraction=0.0, split_seed=0,
+        train_size=1024, val_size=256,
+    )  # fmt: skip
+    save_checkpoint(ckpt, tmp_path / "older.pt")
+    resume = f"trainer.resume={tmp_path / 'older.pt'}"
+    fit(compose_cfg(*TINY, resume, "trainer.epochs=2"), tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["epoch"] == 2
+    eval_main([str(tmp_path / "older.pt"), "--out", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["acc1"] == ckpt["metrics"]["val/acc1"] and metrics["images"] == 360
+    capsys.readouterr()

@@ -128,8 +128,8 @@ class BatchRandAugment:
     Each of the `num_ops` layers draws, per image, an op, a sign and (with `magnitude_std`) a
     magnitude from N(magnitude, std), as timm's `mstd` does; torchvision's RandAugment would
     give a batch one draw. Images that drew the same (op, magnitude, sign) then go through
-    the op together, so a batch costs a few dozen calls instead of two per image: 2-4x
-    faster than looping over images (benchmarks/loader.py), with the same distribution.
+    the op together, so a batch costs a few dozen calls instead of two per image, with the
+    same distribution. `benchmarks/loader.py` times the loader against the training step.
 
     Magnitudes are on torchvision's 0..30 scale (31 bins): timm's and DeiT's
     `rand-m9-mstd0.5` is on a 0..10 scale, i.e. magnitude 27 with std 1.5 here.

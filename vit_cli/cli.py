@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.panel import Panel
+from rich.text import Text
 
+from vit_cli.console import on_terminal
 from vit_cli.errors import UserError
 from vit_cli.launch import in_submitit_job, launched_processes, process_title
 from vit_cli.stopping import Stopped, hand_on
@@ -27,11 +29,12 @@ def reported_errors(
     the trace.
 
     `run_dir` is a training run's, for the hint on how to resume; `tool` titles the message.
-    On a terminal the message is a panel; elsewhere (a pipe, a CI or Slurm log) it is plain
-    text, unwrapped. In a job of several processes, the title names the rank, and only the
-    main process prints the hint after Ctrl-C (every process receives it). In a job of a
-    sweep (`in_sweep`), a UserError is printed and raised on to Hydra, which records the job
-    as failed and goes on with the others.
+    On a terminal the message is a panel; elsewhere (a pipe, a CI or Slurm log) it is one
+    plain `title: message` line, unwrapped, so that its paths can be copied. In a job of
+    several processes, the title names the rank, and only the main process prints the hint
+    after Ctrl-C (every process receives it). In a job of a sweep (`in_sweep`), a UserError
+    is printed and raised on to Hydra, which records the job as failed and goes on with the
+    others.
     """
     rank, _ = launched_processes()
     title = process_title(tool)
@@ -72,11 +75,13 @@ def reported_errors(
 
 
 def _print_message(title: str, text: str, style: str) -> None:
-    stderr = Console(stderr=True)
-    if stderr.is_terminal:
-        stderr.print(Panel(text, title=title, border_style=style, expand=False))
+    """A panel on a terminal; elsewhere `title: text` as it is, so a path in it stays whole."""
+    if on_terminal(sys.stderr):
+        # Text: square brackets in the message are shown, not read as rich markup.
+        panel = Panel(Text(text), title=title, border_style=style, expand=False)
+        Console(stderr=True).print(panel)
     else:
-        print(f"{title}: {text}", file=sys.stderr)
+        print(f"{title}: {text}", file=sys.stderr, flush=True)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

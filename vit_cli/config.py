@@ -103,20 +103,16 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The keys every data source has, and the schema of data=digits, which adds none.
+
+    Each source's schema adds its own keys (`vit_cli/data/<source>.py`) and their checks.
+    """
+
     name: str = "digits"
-    root: Optional[str] = None
-    # cifar10/cifar100: fetch the archive into data.root when it is not there.
-    download: bool = False
-    # cifar10/cifar100: refuse an archive whose md5 is not the official one (false: accept a
-    # subset or a re-packed copy of your own).
-    check_md5: bool = True
-    # imagefolder without train/ and val/ subfolders: the share of each class held out for
-    # val, drawn with `split_seed` (fixed apart from `seed`, so runs compare on one split).
-    val_fraction: float = 0.0
-    split_seed: int = 0
     img_size: int = 8
     in_chans: int = 1
-    num_classes: int = 10
+    # The classes the data must have, checked when it is read (null: as many as it has).
+    num_classes: Optional[int] = 10
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
     batch_size: int = 64
@@ -127,10 +123,22 @@ class DataConfig:
     shift: int = 0
     # Image files with more pixels are skipped as unreadable, before they are decoded.
     max_image_pixels: int = 8192 * 8192
-    # Sizes of the synthetic splits of data=fake.
-    train_size: int = 1024
-    val_size: int = 256
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def checks(self) -> list[Check]:
+        """Each value against its range; a source's schema adds the checks of its keys."""
+        return [
+            at_least("data.img_size", self.img_size, 1),
+            at_least("data.in_chans", self.in_chans, 1),
+            optional_at_least("data.num_classes", self.num_classes, 1),
+            ("data.std", self.std, all(v > 0 for v in self.std), "a list of positive values"),
+            at_least("data.batch_size", self.batch_size, 1),
+            optional_at_least("data.eval_batch_size", self.eval_batch_size, 1),
+            not_negative("data.num_workers", self.num_workers),
+            not_negative("data.shift", self.shift),
+            at_least("data.max_image_pixels", self.max_image_pixels, 1),
+            *_augment_checks(self.augment),
+        ]
 
 
 @dataclass
@@ -234,10 +242,10 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig:
-    # Each model family has its own schema (ViTConfig, DeiTConfig, SwinConfig), chosen by
-    # its YAML.
+    # Each model family has its own schema (ViTConfig, DeiTConfig, SwinConfig), and each data
+    # source its own (a DataConfig: vit_cli/data/), chosen by its YAML.
     model: Any = MISSING
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = MISSING
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -248,32 +256,33 @@ class TrainConfig:
     device: str = "auto"
 
 
-# (key, value, whether it is valid, what it must be)
+# (key, value, whether it is valid, what it must be); the helpers below make them, for the
+# schemas here and those of the data sources.
 Check = tuple[str, Any, bool, str]
 
 
-def _at_least(key: str, value: Any, low: int) -> Check:
+def at_least(key: str, value: Any, low: int) -> Check:
     return key, value, value >= low, f"at least {low}"
 
 
-def _optional_at_least(key: str, value: Any, low: int) -> Check:
+def optional_at_least(key: str, value: Any, low: int) -> Check:
     return key, value, value is None or value >= low, f"null or at least {low}"
 
 
-def _positive(key: str, value: Any) -> Check:
+def positive(key: str, value: Any) -> Check:
     return key, value, value > 0, "positive"
 
 
-def _not_negative(key: str, value: Any) -> Check:
+def not_negative(key: str, value: Any) -> Check:
     return key, value, value >= 0, "0 or more"
 
 
-def _share(key: str, value: Any, one_included: bool = False) -> Check:
+def share(key: str, value: Any, one_included: bool = False) -> Check:
     ok = 0.0 <= value <= 1.0 if one_included else 0.0 <= value < 1.0
     return key, value, ok, "in [0, 1]" if one_included else "in [0, 1)"
 
 
-def _one_of(key: str, value: Any, options: tuple[str, ...]) -> Check:
+def one_of(key: str, value: Any, options: tuple[str, ...]) -> Check:
     return key, value, value in options, f"one of {', '.join(options)}"
 
 
@@ -288,12 +297,12 @@ def validate(cfg: TrainConfig) -> None:
     _raise_first_invalid(
         [
             *_model_checks(cfg.model),
-            *_data_checks(cfg.data),
+            *cfg.data.checks(),
             *_optimizer_checks(cfg.optimizer),
             *_scheduler_checks(cfg.scheduler, cfg.optimizer.lr),
             *_trainer_checks(cfg.trainer),
-            _share("distill.alpha", cfg.distill.alpha, one_included=True),
-            _positive("distill.tau", cfg.distill.tau),
+            share("distill.alpha", cfg.distill.alpha, one_included=True),
+            positive("distill.tau", cfg.distill.tau),
             # NumPy takes seeds below 2**32; each epoch and process adds to it.
             ("seed", cfg.seed, 0 <= cfg.seed < 2**31, "in 0..2147483647"),
         ]
@@ -302,18 +311,18 @@ def validate(cfg: TrainConfig) -> None:
 
 def validate_data(cfg: DataConfig) -> None:
     """The data checks of `validate`, for the tools that take a data config alone (vit-eval)."""
-    _raise_first_invalid(_data_checks(cfg))
+    _raise_first_invalid(cfg.checks())
 
 
 def _model_checks(model: Any) -> list[Check]:
     checks = [
-        _optional_at_least("model.img_size", model.img_size, 1),
-        _at_least("model.patch_size", model.patch_size, 1),
-        _at_least("model.embed_dim", model.embed_dim, 1),
-        _positive("model.mlp_ratio", model.mlp_ratio),
-        _share("model.drop_rate", model.drop_rate),
-        _share("model.attn_drop_rate", model.attn_drop_rate),
-        _share("model.drop_path_rate", model.drop_path_rate),
+        optional_at_least("model.img_size", model.img_size, 1),
+        at_least("model.patch_size", model.patch_size, 1),
+        at_least("model.embed_dim", model.embed_dim, 1),
+        positive("model.mlp_ratio", model.mlp_ratio),
+        share("model.drop_rate", model.drop_rate),
+        share("model.attn_drop_rate", model.attn_drop_rate),
+        share("model.drop_path_rate", model.drop_path_rate),
     ]
     if isinstance(model, SwinConfig):
         depths, heads = model.depths, model.num_heads
@@ -322,33 +331,14 @@ def _model_checks(model: Any) -> list[Check]:
              "a list of stage depths, each at least 1"),
             ("model.num_heads", heads, len(heads) == len(depths) and min(heads, default=0) >= 1,
              "a list of head counts, each at least 1, one per stage (as model.depths)"),
-            _at_least("model.window_size", model.window_size, 1),
+            at_least("model.window_size", model.window_size, 1),
         ]  # fmt: skip
     else:
         checks += [
-            _at_least("model.depth", model.depth, 1),
-            _at_least("model.num_heads", model.num_heads, 1),
+            at_least("model.depth", model.depth, 1),
+            at_least("model.num_heads", model.num_heads, 1),
         ]
     return checks
-
-
-def _data_checks(data: DataConfig) -> list[Check]:
-    return [
-        _at_least("data.img_size", data.img_size, 1),
-        _at_least("data.in_chans", data.in_chans, 1),
-        _at_least("data.num_classes", data.num_classes, 1),
-        ("data.std", data.std, all(v > 0 for v in data.std), "a list of positive values"),
-        _at_least("data.batch_size", data.batch_size, 1),
-        _optional_at_least("data.eval_batch_size", data.eval_batch_size, 1),
-        _not_negative("data.num_workers", data.num_workers),
-        _not_negative("data.shift", data.shift),
-        _at_least("data.max_image_pixels", data.max_image_pixels, 1),
-        _at_least("data.train_size", data.train_size, 1),
-        _at_least("data.val_size", data.val_size, 1),
-        _share("data.val_fraction", data.val_fraction),
-        _not_negative("data.split_seed", data.split_seed),
-        *_augment_checks(data.augment),
-    ]
 
 
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
@@ -357,21 +347,21 @@ AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 def _augment_checks(aug: AugmentConfig) -> list[Check]:
     scale, ratio = aug.crop_scale, aug.crop_ratio
     return [
-        *(_share(f"data.augment.{key}", getattr(aug, key), one_included=True)
+        *(share(f"data.augment.{key}", getattr(aug, key), one_included=True)
           for key in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob")),
         ("data.augment.crop_scale", scale,
          scale is None or (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0),
          "null or [min, max] with 0 < min <= max <= 1"),
         ("data.augment.crop_ratio", ratio, len(ratio) == 2 and 0.0 < ratio[0] <= ratio[1],
          "[min, max] with 0 < min <= max"),
-        _one_of("data.augment.auto_augment", aug.auto_augment, AUTO_AUGMENTS),
-        _not_negative("data.augment.randaugment_ops", aug.randaugment_ops),
+        one_of("data.augment.auto_augment", aug.auto_augment, AUTO_AUGMENTS),
+        not_negative("data.augment.randaugment_ops", aug.randaugment_ops),
         ("data.augment.randaugment_magnitude", aug.randaugment_magnitude,
          0 <= aug.randaugment_magnitude <= 30, "in 0..30"),
-        _not_negative("data.augment.randaugment_magnitude_std", aug.randaugment_magnitude_std),
-        _not_negative("data.augment.mixup_alpha", aug.mixup_alpha),
-        _not_negative("data.augment.cutmix_alpha", aug.cutmix_alpha),
-        _at_least("data.augment.repeats", aug.repeats, 1),
+        not_negative("data.augment.randaugment_magnitude_std", aug.randaugment_magnitude_std),
+        not_negative("data.augment.mixup_alpha", aug.mixup_alpha),
+        not_negative("data.augment.cutmix_alpha", aug.cutmix_alpha),
+        at_least("data.augment.repeats", aug.repeats, 1),
         ("data.augment.eval_crop_ratio", aug.eval_crop_ratio, 0.0 < aug.eval_crop_ratio <= 1.0,
          "in (0, 1]"),
     ]  # fmt: skip
@@ -380,21 +370,21 @@ def _augment_checks(aug: AugmentConfig) -> list[Check]:
 def _optimizer_checks(opt: OptimizerConfig) -> list[Check]:
     betas = opt.betas
     return [
-        _positive("optimizer.lr", opt.lr),
-        _not_negative("optimizer.weight_decay", opt.weight_decay),
+        positive("optimizer.lr", opt.lr),
+        not_negative("optimizer.weight_decay", opt.weight_decay),
         ("optimizer.betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
          "[beta1, beta2], each in [0, 1)"),
-        _positive("optimizer.eps", opt.eps),
-        _share("optimizer.momentum", opt.momentum),
+        positive("optimizer.eps", opt.eps),
+        share("optimizer.momentum", opt.momentum),
         ("optimizer.layer_decay", opt.layer_decay,
          opt.layer_decay is None or 0.0 < opt.layer_decay <= 1.0, "null or in (0, 1]"),
-        _positive("optimizer.head_lr_scale", opt.head_lr_scale),
+        positive("optimizer.head_lr_scale", opt.head_lr_scale),
     ]  # fmt: skip
 
 
 def _scheduler_checks(sched: SchedulerConfig, lr: float) -> list[Check]:
     return [
-        _not_negative("scheduler.warmup_epochs", sched.warmup_epochs),
+        not_negative("scheduler.warmup_epochs", sched.warmup_epochs),
         ("scheduler.min_lr", sched.min_lr, 0.0 <= sched.min_lr <= lr,
          f"in [0, optimizer.lr={lr:g}]"),
     ]  # fmt: skip
@@ -407,34 +397,38 @@ FREEZE_CHOICES = ("backbone",)
 def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
     ema = trainer.ema.decay
     return [
-        _at_least("trainer.epochs", trainer.epochs, 1),
-        _optional_at_least("trainer.max_steps", trainer.max_steps, 1),
-        _optional_at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 1),
+        at_least("trainer.epochs", trainer.epochs, 1),
+        optional_at_least("trainer.max_steps", trainer.max_steps, 1),
+        optional_at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 1),
         ("trainer.grad_clip", trainer.grad_clip, trainer.grad_clip is None or trainer.grad_clip >= 0,
          "null or 0 (no clipping), or a positive norm"),
-        _share("trainer.label_smoothing", trainer.label_smoothing),
-        _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
-        _optional_at_least("trainer.images_every_n_epochs", trainer.images_every_n_epochs, 1),
-        _at_least("trainer.images_per_grid", trainer.images_per_grid, 1),
-        _at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
-        _at_least("trainer.accumulate", trainer.accumulate, 1),
-        _one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),
+        share("trainer.label_smoothing", trainer.label_smoothing),
+        at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
+        optional_at_least("trainer.images_every_n_epochs", trainer.images_every_n_epochs, 1),
+        at_least("trainer.images_per_grid", trainer.images_per_grid, 1),
+        at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
+        at_least("trainer.accumulate", trainer.accumulate, 1),
+        one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),
         ("trainer.freeze", trainer.freeze,
          trainer.freeze is None or trainer.freeze in FREEZE_CHOICES,
          f"null or one of {', '.join(FREEZE_CHOICES)}"),
         ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
-        _positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
+        positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
     ]  # fmt: skip
 
 
 def register_configs() -> None:
     """Store the schemas that the YAML files in configs/ name in their defaults lists."""
-    from vit_cli.models import FAMILIES  # the family registry imports the schemas above
+    # The registries import the schemas above.
+    from vit_cli.data import sources
+    from vit_cli.models import FAMILIES
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, family in FAMILIES.items():
         cs.store(group="schema/model", name=name, node=family.schema)
+    for name, source in sources().items():
+        cs.store(group="schema/data", name=name, node=source.schema)
 
 
 def compose_train_config(overrides: list[str]) -> TrainConfig:

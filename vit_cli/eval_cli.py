@@ -49,14 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
     """The data config to score: the checkpoint's, or another one, with overrides applied.
 
-    Whatever the data, the model's input side (channels, normalisation, eval crop ratio,
-    class count) is the checkpoint's, set before the user's `data.KEY=VALUE` overrides.
+    Composed by Hydra, as vit-train composes its data group: the checkpoint's own data is its
+    data=NAME with the saved values as overrides. Whatever the data, the model's input side
+    (channels, normalisation, eval crop ratio, class count) is the checkpoint's, set before
+    the user's `data.KEY=VALUE` overrides.
     """
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    from vit_cli.config import DataConfig, compose_train_config
+    from vit_cli.config import compose_train_config
+    from vit_cli.data import sources
 
     groups = [o.removeprefix("data=") for o in overrides if o.startswith("data=")]
     keys = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
@@ -66,6 +68,13 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
             f"vit-eval takes data=NAME and data.KEY=VALUE overrides, not {' '.join(others)}. "
             "The model, precision and device come from the checkpoint and from --flags."
         )
+    name = groups[-1] if groups else saved["data"]["name"]
+    yaml = files("vit_cli.configs") / "data" / f"{name}.yaml"
+    if not yaml.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in yaml.parent.iterdir())
+        raise UserError(f"Unknown data={name}. Valid names: {', '.join(names)}.")
+    # The training run's data, as saved in the checkpoint: the values its schema has.
+    own = [] if groups else _overrides(saved["data"], sources()[name].schema)
     # The model's input side, as KEY=VALUE overrides that the user's own come after.
     pinned = {
         "in_chans": data_info["in_chans"],
@@ -74,25 +83,33 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
         "std": data_info["std"],
         "augment.eval_crop_ratio": saved["data"].get("augment", {}).get("eval_crop_ratio", 1.0),
     }
-    dotlist = [f"{key}={json.dumps(value)}" for key, value in pinned.items()] + keys
+    dotlist = own + [f"{key}={json.dumps(value)}" for key, value in pinned.items()] + keys
     try:
-        if not groups:  # the training run's data, as saved in the checkpoint
-            cfg = OmegaConf.merge(
-                OmegaConf.structured(DataConfig), saved["data"], OmegaConf.from_dotlist(dotlist)
-            )
-            return OmegaConf.to_object(cfg)
-        yaml = files("vit_cli.configs") / "data" / f"{groups[-1]}.yaml"
-        if not yaml.is_file():
-            names = sorted(p.name.removesuffix(".yaml") for p in yaml.parent.iterdir())
-            raise UserError(f"Unknown data={groups[-1]}. Valid names: {', '.join(names)}.")
-        # Composed by Hydra, as vit-train composes its data group.
-        overrides = [f"data={groups[-1]}", *(f"data.{entry}" for entry in dotlist)]
-        return compose_train_config(overrides).data
+        return compose_train_config([f"data={name}", *(f"data.{entry}" for entry in dotlist)]).data
     except MissingMandatoryValue as e:
         key = e.full_key.removeprefix("data.")
         raise UserError(f"data.{key} has no value: add data.{key}=<value>.") from e
     except (OmegaConfBaseException, HydraException) as e:
         raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e
+
+
+def _overrides(values: dict, schema: type) -> list[str]:
+    """`KEY=VALUE` for each of `values` that `schema` has; a checkpoint of an older vit_cli
+    holds the keys of every data source in one flat config."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def entries(values: dict, node: DictConfig, prefix: str) -> list[str]:
+        found = []
+        for key, value in values.items():
+            if key not in node:
+                continue
+            if isinstance(value, dict) and isinstance(node[key], DictConfig):
+                found += entries(value, node[key], f"{prefix}{key}.")
+            else:
+                found.append(f"{prefix}{key}={json.dumps(value)}")
+        return found
+
+    return entries(values, OmegaConf.structured(schema), "")
 
 
 class Tally:
@@ -173,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "checkpoint": str(path),
         "weights": weights,
-        "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "val"},
+        "data": {"name": data_cfg.name, "root": getattr(data_cfg, "root", None), "split": "val"},
         "precision": precision.name,
         "device": str(device),
         "images": images,

@@ -3,10 +3,9 @@
 PyTorch allocates CPU tensors with malloc. By default glibc serves a large block with a
 fresh mmap() and unmaps it on free, and hands the top of its heap back to the OS once
 enough of it is free. A forward pass that allocates and frees tens of MiB per layer then
-page-faults on every activation it writes: vit_tiny inference at batch 32 on a 2-core
-host took 2.3 million minor faults per 640 images and 45% longer than with the memory
-kept (README, "CPU memory"). The price: the process holds its peak heap until it exits,
-up to 30% above the defaults' peak resident memory in our runs.
+page-faults on every activation it writes, on every step (docs/results.md, "CPU memory",
+measures it with `benchmarks/throughput.py --malloc-defaults`). The price: the process
+holds its peak heap until it exits.
 """
 
 from __future__ import annotations

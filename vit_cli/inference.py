@@ -302,8 +302,8 @@ def predict_files(
     """Classify image files in batches, yielding one result per file in order.
 
     With `workers=0` each batch is read in this process before the model runs on it: where
-    the model keeps every core busy, a reading process can only take a core from it (README,
-    "vit-predict against the bare model"). `workers` > 0 loader processes read the next
+    the model keeps every core busy, a reading process can only take a core from it
+    (docs/results.md, "vit-predict against the bare model"). `workers` > 0 loader processes read the next
     batches while the model runs, which pays on a GPU, whose model leaves the cores free, and
     where reading waits on storage. None: 0 on the CPU, else up to 4.
     """

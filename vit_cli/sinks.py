@@ -3,6 +3,11 @@
 The trainer reports each event once, to a `Sinks` fan-out; a sink overrides the events it
 shows and inherits a no-op for the rest, so a new destination is one more class. Only the
 main process gets sinks (`build_sinks`); the others report into an empty fan-out.
+
+The console (stdout) gets rich's progress bar and summary table on a terminal only. Off
+one (a pipe, `nohup`, a CI or Slurm log) rich would fit them to 80 columns: there is no
+progress bar (the log's line per epoch tells the progress), and the summary is printed as
+plain `key: value` lines, each whole (vit_cli/console.py does the same for log records).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from vit_cli.console import on_terminal
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -217,6 +224,10 @@ class TextLogSink(Sink):
                      report.epoch, ema["loss"], ema["acc1"], ema["acc5"])  # fmt: skip
 
     def run_done(self, report: RunReport) -> None:
+        if not on_terminal(console.file):
+            lines = [f"  {key}: {value}" for key, value in report.summary.items()]
+            print("vit-train summary", *lines, sep="\n", file=console.file, flush=True)
+            return
         table = Table(title="vit-train summary", show_header=False)
         table.add_column(style="bold")
         table.add_column()
@@ -226,7 +237,8 @@ class TextLogSink(Sink):
 
 
 class ProgressSink(Sink):
-    """A progress bar per epoch on the console, with the running loss, accuracy and speed."""
+    """A progress bar per epoch on the console, with the running loss, accuracy and speed:
+    for a terminal only (`build_sinks`)."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
@@ -242,7 +254,6 @@ class ProgressSink(Sink):
             TextColumn("lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
             TimeElapsedColumn(),
             console=console,
-            transient=not console.is_terminal,
         )
         self.progress.add_task(
             f"epoch {epoch}/{epochs}", total=batches, loss=float("nan"), acc=0.0, lr=0.0, ips=0.0,
@@ -282,5 +293,6 @@ def build_sinks(
     """The sinks of the main process; the other processes of a job report into none."""
     if not main:
         return Sinks([])
+    progress = [ProgressSink()] if on_terminal(console.file) else []
     tensorboard = TensorBoardSink(run_dir, purge_step, batch_pictures)
-    return Sinks([ProgressSink(), tensorboard, TextLogSink()])
+    return Sinks([*progress, tensorboard, TextLogSink()])

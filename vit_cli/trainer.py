@@ -70,13 +70,15 @@ def _config_differences(saved: object, current: object, key: str, default: objec
     """`key: checkpoint X, now Y` for each leaf under `key` that differs.
 
     A key the checkpoint's config lacks was added to vit_cli after the checkpoint was
-    written: that run trained as the key's `default` says.
+    written: that run trained as the key's `default` says. A key the current config lacks
+    is one its schema no longer has (a flat data config of older versions held the keys of
+    every source): nothing reads it, so it is not compared.
     """
     if isinstance(saved, dict) and isinstance(current, dict):
         default = default if isinstance(default, dict) else {}
         return [
             diff
-            for name in sorted(set(saved) | set(current))
+            for name in sorted(current)
             for diff in _config_differences(
                 saved[name] if name in saved else default.get(name),
                 current.get(name),
@@ -88,8 +90,9 @@ def _config_differences(saved: object, current: object, key: str, default: objec
 
 
 def _defaults(cfg: TrainConfig) -> dict:
-    """Every key's schema default, for a model of the family `cfg` trains."""
-    return OmegaConf.to_container(OmegaConf.structured(TrainConfig(model=type(cfg.model)())))
+    """Every key's schema default, for the model family and the data source `cfg` trains."""
+    defaults = TrainConfig(model=type(cfg.model)(), data=type(cfg.data)())
+    return OmegaConf.to_container(OmegaConf.structured(defaults))
 
 
 def _lookup(cfg_dict: dict, key: str) -> object:
@@ -272,6 +275,8 @@ def fit(
     resume = _resume_path(cfg.trainer.resume, run_dir)
     c = build_components(cfg, runtime, with_pretrained=resume is None)
     data = c.data
+    # The class count the data has, where its config may leave it out (data=imagefolder).
+    cfg_dict["data"]["num_classes"] = data.num_classes
     state, metrics = TrainState(), {}
     had_events = any(run_dir.glob("events.out.tfevents.*"))
     if resume:

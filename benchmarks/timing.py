@@ -1,0 +1,212 @@
+"""What every benchmark here shares: the host, the steps it times, and how it times them.
+
+The procedure: each candidate (a model, a precision, the loader...) first takes some untimed
+warm-up steps; then come rounds in which every candidate times one window of its steps,
+the order rotating each round, so that a change in machine load hits all of them alike.
+On CUDA the clock is read after `torch.cuda.synchronize()`. A figure is the median over
+windows; two candidates are compared by the ratio of their medians and by the median of
+their per-round (paired) ratios.
+
+Not a package: the scripts beside it import it as `timing`, which works because Python puts
+a script's own folder first on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from vit_cli.precision import Precision
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- host
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def host(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on, for a report's metadata."""
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_host(info: Mapping[str, Any]) -> str:
+    """One line from `host(...)`'s keys: name (device), torch version, threads."""
+    return (
+        f"{info['device_name']} ({info['device']}), torch {info['torch']}, "
+        f"{info['threads']} threads"
+    )
+
+
+def make_console() -> Console:
+    """A console wide enough for the tables when the output goes to a file or a pipe."""
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_matmul_size(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 2048
+
+
+def matmul_flops_per_s(
+    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 3
+) -> float:
+    """Median FLOP/s of a square (size x size) matmul in `dtype`: the host's peak rate."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = [time_window(lambda: a @ b, 1, device)[0] for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> Callable[[], torch.Tensor]:
+    """One training step: forward, loss, backward and optimizer step, as vit-train runs it."""
+    scaler = precision.grad_scaler()
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def make_infer_step(
+    model: nn.Module, precision: Precision, images: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """One forward pass under `inference_mode` and the precision's autocast."""
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), precision.autocast():
+            return model(images)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- procedure
+
+
+@dataclass
+class Timed:
+    """A candidate: `step` does one unit of work; a timed window is `steps` calls of it."""
+
+    step: Callable[[], Any]
+    images: int  # images one call of `step` handles
+    steps: int = 1
+
+
+@dataclass
+class Timing:
+    img_per_s: list[float] = field(default_factory=list)  # one per window
+    last: Any = None  # what the last step of the last window returned
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.img_per_s)
+
+
+def time_window(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, Any]:
+    """Seconds for `steps` calls of `step`, and the last call's output."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def rotated(names: Sequence[str], round_: int) -> list[str]:
+    """`names` in the order of round `round_`: each round, the first one moves to the back."""
+    shift = round_ % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def take_turns(runs: Mapping[str, Callable[[int], T]], rounds: int) -> dict[str, list[T]]:
+    """Call every run once per round (with the round's index), the order rotating each round.
+
+    For candidates that are whole runs (a process launch, a training run) rather than steps;
+    returns what each run returned, round by round.
+    """
+    results: dict[str, list[T]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name in rotated(list(runs), round_):
+            results[name].append(runs[name](round_))
+    return results
+
+
+def measure(
+    candidates: Mapping[str, Timed],
+    *,
+    warmup: int,
+    windows: int,
+    device: torch.device,
+    after_round: Callable[[int, dict[str, Timing]], None] | None = None,
+) -> dict[str, Timing]:
+    """Warm every candidate up, then time `windows` rounds of one window each, rotating.
+
+    `after_round(round_, timings)` runs after each round, outside the candidates' windows.
+    """
+    for candidate in candidates.values():
+        for _ in range(warmup):
+            candidate.step()
+    timings = {name: Timing() for name in candidates}
+    for round_ in range(windows):
+        for name in rotated(list(candidates), round_):
+            candidate, timing = candidates[name], timings[name]
+            seconds, timing.last = time_window(candidate.step, candidate.steps, device)
+            timing.img_per_s.append(candidate.steps * candidate.images / seconds)
+        if after_round is not None:
+            after_round(round_, timings)
+    return timings
+
+
+def ratios(figures: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
+    """`figures` against `baseline`, both one per round: ratio of medians, and median of
+    the per-round (paired) ratios."""
+    paired = [a / b for a, b in zip(figures, baseline, strict=True)]
+    return {
+        "ratio_of_medians": statistics.median(figures) / statistics.median(baseline),
+        "median_of_paired_ratios": statistics.median(paired),
+    }

@@ -1,0 +1,245 @@
+"""What every data source shares: image files, the batch collate step and the loaders.
+
+Every dataset yields images of one size as uint8 (or [0, 1] float) tensors; the loader's
+collate step (`Collate` + `BatchAugment`) augments and normalises a whole batch at once.
+Small datasets (digits, CIFAR) are held in memory, so a batch costs no decoding at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from vit_cli.augment import BatchAugment, build_batch_augment, pil_mode
+from vit_cli.config import DataConfig
+from vit_cli.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    in_chans: int
+    img_size: int
+    class_names: list[str]
+    # Unreadable image files met by either loader (sources that read files: imagefolder).
+    skipped: SkipCounter | None = None
+
+
+@dataclass
+class Splits:
+    """What a source's builder returns: the two datasets and the class names, in label order."""
+
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+    # The counter its datasets report unreadable files to (`ImageFiles`), if they read files.
+    skipped: SkipCounter | None = None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class SkipCounter:
+    """Counts unreadable images across loader workers, in shared memory.
+
+    Each worker adds to its own slot, so no two processes write the same number. The first
+    unreadable file is named in a warning; later ones are only counted.
+    """
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(65, dtype=torch.int64).share_memory_()
+        self.warned = torch.zeros(1, dtype=torch.bool).share_memory_()
+
+    def add(self, path: str, error: Exception) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (len(self.counts) - 1)
+        self.counts[slot] += 1
+        if not bool(self.warned):
+            self.warned.fill_(True)
+            log.warning(
+                "unreadable image %s skipped (%s: %s); further ones are counted in the log "
+                "and in TensorBoard's data/skipped_images",
+                path, type(error).__name__, error,
+            )  # fmt: skip
+
+    def take(self) -> int:
+        """How many were skipped since the last call."""
+        total = int(self.counts.sum())
+        self.counts.zero_()
+        return total
+
+
+# What PIL raises for an unreadable file: OSError when it is truncated or not an image,
+# SyntaxError for a broken header, DecompressionBombError (a ValueError subclass in newer
+# Pillow) for a huge one.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnsupportedImage(ValueError):
+    """An image file vit_cli refuses to decode: too many pixels, or a pixel format it would
+    get wrong. One of UNREADABLE, so it is skipped and counted like a corrupt file."""
+
+
+def read_image(path: str | Path, in_chans: int, max_pixels: int) -> Image.Image:
+    """Decode an image file in the model's channels ("L" or "RGB"); raises UNREADABLE.
+
+    An image of more than `max_pixels` is refused before it is decoded (Pillow's own limit,
+    about 179 million, would let a 12,000 x 12,000 PNG take 2.7 GB). 16-bit grayscale keeps
+    its top 8 bits (PIL's own conversion clips it to white); 32-bit integer and floating
+    point images are refused, since their range is unknown.
+    """
+    with Image.open(path) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise UnsupportedImage(
+                f"{width}x{height} = {width * height:,} pixels, above the limit of "
+                f"{max_pixels:,} (data.max_image_pixels; vit-predict --max-pixels)"
+            )
+        if image.mode.startswith("I;16"):
+            high_bytes = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+            return Image.fromarray(high_bytes, "L").convert(pil_mode(in_chans))
+        if image.mode in ("I", "F"):
+            kind = "floating-point" if image.mode == "F" else "32-bit integer"
+            raise UnsupportedImage(
+                f"{kind} pixels (PIL mode {image.mode}) have no fixed range; save the image "
+                "with 8 or 16 bits per channel"
+            )
+        return image.convert(pil_mode(in_chans))
+
+
+class ImageFiles(Dataset):
+    """(path, label) pairs read with PIL; an unreadable file yields None and is counted.
+
+    `unreadable[i]` (shared with loader workers) marks sample i once it failed to read, so
+    that vit-eval can name the files behind its per-image predictions.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        in_chans: int,
+        transform,
+        skipped: SkipCounter,
+        max_pixels: int,
+    ) -> None:
+        self.samples = samples
+        self.in_chans = in_chans
+        self.max_pixels = max_pixels
+        self.transform = transform
+        self.skipped = skipped
+        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[i]
+        try:
+            image = read_image(path, self.in_chans, self.max_pixels)
+        except UNREADABLE as e:
+            self.skipped.add(path, e)
+            self.unreadable[i] = True
+            return None
+        return self.transform(image), label
+
+    def read_paths(self) -> list[str]:
+        """The paths of the samples read so far without error, in order."""
+        unreadable = self.unreadable.tolist()
+        return [path for (path, _), bad in zip(self.samples, unreadable, strict=True) if not bad]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread, then restore the previous count.
+
+    Augmenting a batch of small images gains nothing from more threads, and when another
+    process holds a core, a thread pool waiting for it made loading 40x slower (measured:
+    4,500 vs 110 img/s on 2 shared cores). Loader workers already run on one thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Collate:
+    """Stack a list of (image, label) samples, dropping None, then run `augment` on the batch."""
+
+    def __init__(self, augment: BatchAugment, sample_shape: tuple[int, int, int]) -> None:
+        self.augment = augment
+        self.sample_shape = sample_shape
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)
+        with _one_thread():
+            images = torch.stack([image for image, _ in samples])  # (B, C, H, W)
+            labels = torch.as_tensor([int(label) for _, label in samples])  # (B,)
+            return self.augment(images), labels
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def loaders(
+    cfg: DataConfig,
+    splits: Splits,
+    img_size: int,
+    generator: torch.Generator,
+    pin_memory: bool = False,
+    runtime: Runtime | None = None,
+) -> DataBundle:
+    """The train/val loaders of `splits`, batched, augmented and normalised as `cfg` says."""
+    runtime = runtime or Runtime(torch.device("cpu"))
+    shape = (cfg.in_chans, img_size, img_size)
+    workers = cfg.num_workers
+    common = dict(
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
+    train_sampler = runtime.train_sampler(len(splits.train), generator, cfg.augment.repeats)
+    train_loader = DataLoader(
+        splits.train,
+        batch_size=cfg.batch_size,
+        sampler=train_sampler,
+        drop_last=len(train_sampler) > cfg.batch_size,
+        generator=generator,
+        collate_fn=Collate(
+            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True), shape
+        ),
+        **common,
+    )
+    val_loader = DataLoader(
+        splits.val,
+        batch_size=cfg.eval_batch_size or cfg.batch_size,
+        sampler=runtime.eval_sampler(len(splits.val)),
+        collate_fn=Collate(
+            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False), shape
+        ),
+        **common,
+    )
+    return DataBundle(
+        train_loader,
+        val_loader,
+        len(splits.class_names),
+        cfg.in_chans,
+        img_size,
+        splits.class_names,
+        splits.skipped,
+    )
