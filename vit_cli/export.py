@@ -359,7 +359,7 @@ def preprocessing_spec(
     output["probabilities"] = "softmax over the last dimension, as vit-predict reports them"
     if two_heads(model):
         output["heads"] = "the mean of the class head's and the distillation head's logits"
-    preprocessing = describe_eval_transform(transform, list(data["mean"]), list(data["std"]))
+    preprocessing = describe_eval_transform(transform)
     # For the record: resize_size is round(img_size / eval_crop_ratio) (augment.image_transform).
     saved_augment = ckpt["config"]["data"].get("augment", {})
     preprocessing["eval_crop_ratio"] = saved_augment.get("eval_crop_ratio", 1.0)
@@ -381,7 +381,7 @@ def preprocessing_spec(
     }
 
 
-def describe_eval_transform(transform: EvalTransform, mean: list, std: list) -> dict:
+def describe_eval_transform(transform: EvalTransform) -> dict:
     """The eval transform's steps as data, read from its own objects so that the JSON
     follows the transform; a step not known here is an error, never left out."""
     spec: dict = {}
@@ -406,8 +406,8 @@ def describe_eval_transform(transform: EvalTransform, mean: list, std: list) -> 
     spec.update(
         img_size=transform.img_size,
         pixel_scale=255.0,
-        mean=mean,
-        std=std,
+        mean=transform.mean,
+        std=transform.std,
         max_image_pixels=transform.max_pixels,
     )
     spec["steps"] = [
