@@ -88,6 +88,24 @@ def test_fixed_generator_seed_fixes_the_batch_order_and_augmentation():
     assert torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
 
 
+def test_batches_are_augmented_on_the_configured_threads_and_the_count_is_restored():
+    from vit_cli.runtime import Runtime
+
+    seen = []
+
+    def spy(images):
+        seen.append(torch.get_num_threads())
+        return images
+
+    before = torch.get_num_threads()
+    for threads, device, expected in [(None, "cpu", 1), (2, "cpu", 2), (None, "cuda", before)]:
+        data = build_data(digits(augment_threads=threads), 8, torch.Generator(),
+                          runtime=Runtime(torch.device(device)))  # fmt: skip
+        data.train_loader.collate_fn.augment = spy
+        next(iter(data.train_loader))
+        assert seen.pop() == expected and torch.get_num_threads() == before
+
+
 def test_repeated_augmentation_keeps_the_epoch_length():
     cfg = digits(batch_size=30, shift=1, augment=AugmentConfig(repeats=3))
     data = build_data(cfg, 8, torch.Generator().manual_seed(0))

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc 
 # of warm-up leave that behind.
 PROBE = """
 import resource, sys, torch
-from vit_cli.host_memory import keep_freed_memory
-took = keep_freed_memory() if sys.argv[1] == "keep" else False
+from vit_cli.host_memory import choose_freed_memory, keep_freed_memory
+mode = sys.argv[1]
+took = keep_freed_memory() if mode == "keep" else choose_freed_memory(None, "cpu") if mode == "auto-cpu" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(24):
     torch.ones(10 << 20)
@@ -61,3 +62,13 @@ def test_the_users_own_malloc_settings_are_left_alone():
     took, faults = probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert not took
     assert faults >= PAGES // 2
+
+
+def test_freed_memory_is_kept_for_a_cpu_device_only_unless_told():
+    from vit_cli.host_memory import choose_freed_memory
+
+    # These calls leave the process as it is: nothing is asked to take effect.
+    assert choose_freed_memory(None, "cuda") is False
+    assert choose_freed_memory(False, "cpu") is False
+    took, faults = probe("auto-cpu")
+    assert took and faults < PAGES // 20

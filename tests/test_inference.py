@@ -447,3 +447,16 @@ def test_vit_predict_refuses_an_image_above_max_pixels_per_file(small_checkpoint
     big, small = (json.loads(line) for line in result.stdout.splitlines())
     assert "40x40 = 1,600 pixels, above the limit of 1,000" in big["error"]
     assert "predictions" in small
+
+
+def test_off_a_terminal_table_rows_and_error_lines_keep_long_paths_whole(
+    small_checkpoint, tmp_path
+):
+    folder = tmp_path / ("a_folder_with_a_long_name_" * 4)
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "small.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    result = tool("vit-predict", str(small_checkpoint), str(folder), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert any(str(folder / "small.png") in line for line in result.stdout.splitlines())
+    assert any(str(folder / "broken.png") in line for line in result.stderr.splitlines())

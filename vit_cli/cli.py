@@ -89,6 +89,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="use the weight average (EMA)")
     parser.add_argument("--precision", help="fp32, amp or bf16 (default: the training run's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        help="keep memory that tensors free for the next batch (glibc; default: on when the "
+        "model runs on the CPU)",
+    )
 
 
 def to_train_config(cfg: DictConfig):

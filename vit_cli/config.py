@@ -118,6 +118,9 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
+    # torch threads while a batch is augmented in the loading process (null: 1 when the
+    # device is the CPU, where the model's threads hold the cores; else torch's count).
+    augment_threads: Optional[int] = None
     # Training-time random translation by up to this many pixels, zero padded (pad and
     # crop): the usual augmentation of small images such as digits and CIFAR (0: off).
     shift: int = 0
@@ -135,6 +138,7 @@ class DataConfig:
             at_least("data.batch_size", self.batch_size, 1),
             optional_at_least("data.eval_batch_size", self.eval_batch_size, 1),
             not_negative("data.num_workers", self.num_workers),
+            optional_at_least("data.augment_threads", self.augment_threads, 1),
             not_negative("data.shift", self.shift),
             at_least("data.max_image_pixels", self.max_image_pixels, 1),
             *_augment_checks(self.augment),
@@ -254,6 +258,9 @@ class TrainConfig:
     seed: int = 0
     # "auto" picks cuda when available, else cpu.
     device: str = "auto"
+    # Keep memory that tensors free in the C heap, for the next step (glibc; docs/results.md,
+    # "Host settings"). null: on when the device is the CPU, off on a GPU.
+    keep_freed_memory: Optional[bool] = None
 
 
 # (key, value, whether it is valid, what it must be); the helpers below make them, for the

@@ -3,7 +3,8 @@
 On a terminal, log records, error messages and the summary table are drawn by rich, fitted
 to the terminal's width. Off one (a pipe, `nohup`, a CI or Slurm log) rich would fit them
 to 80 columns, splitting each record over several lines and paths in the middle; there
-each log record is one plain line, as in train.log, and each message is printed whole.
+each log record is one plain line, as in train.log, and each message and table row is
+printed whole.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from typing import TextIO
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 
@@ -41,3 +43,11 @@ def log_handler(plain_format: str) -> logging.Handler:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(plain_format))
     return handler
+
+
+def console_for(stream: TextIO) -> Console:
+    """A rich Console for tables and messages on `stream`: fitted to the terminal's width,
+    or, off one, as wide as each line needs, so that no row or path is wrapped."""
+    if on_terminal(stream):
+        return Console(file=stream)
+    return Console(file=stream, width=1_000_000)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
 
 from vit_cli.cli import add_model_options, reported_errors
 from vit_cli.errors import UserError
-from vit_cli.host_memory import keep_freed_memory
+from vit_cli.host_memory import choose_freed_memory
 
 USAGE_EXAMPLES = """examples:
   vit-eval outputs/2026-11-24/10-00-00/best.pt
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     from vit_cli.inference import model_of, read_for_inference, trained_precision
     from vit_cli.models import two_heads
     from vit_cli.models.deit import BothHeads
-    from vit_cli.runtime import resolve_device
+    from vit_cli.runtime import Runtime, resolve_device
 
     path = Path(args.checkpoint).expanduser()
     suffix = "_ema" if args.ema else ""
@@ -154,9 +155,10 @@ def run(args: argparse.Namespace) -> dict:
         data_cfg.eval_batch_size = args.batch_size
     validate_data(data_cfg)
     device = resolve_device(args.device)
+    choose_freed_memory(args.keep_freed_memory, device.type)
     precision = trained_precision(ckpt, device, args.precision)
     model = model_of(ckpt, str(path), args.ema).to(device)
-    data = build_data(data_cfg, data_info["img_size"], torch.Generator())
+    data = build_data(data_cfg, data_info["img_size"], torch.Generator(), runtime=Runtime(device))
     class_names = list(data_info["class_names"])
     if data.class_names != class_names:
         raise UserError(
@@ -220,10 +222,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from vit_cli.console import console_for
+
+    console = console_for(sys.stdout)
     table = Table(title=f"vit-eval {report['checkpoint']}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -269,7 +272,6 @@ def print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`vit-eval`: score a checkpoint; see `vit-eval --help`."""
     args = parse_args(argv)
-    keep_freed_memory()
     with reported_errors(tool="vit-eval"):
         print_report(run(args))
 

@@ -5,7 +5,10 @@ fresh mmap() and unmaps it on free, and hands the top of its heap back to the OS
 enough of it is free. A forward pass that allocates and frees tens of MiB per layer then
 page-faults on every activation it writes, on every step (docs/results.md, "CPU memory",
 measures it with `benchmarks/throughput.py --malloc-defaults`). The price: the process
-holds its peak heap until it exits.
+holds its peak heap until it exits. That pays where the model runs on the CPU; with the
+model on a GPU the host's heap is small and others may want it, so the commands keep
+freed memory only for a CPU device, unless told (`keep_freed_memory=true|false` for
+vit-train, `--keep-freed-memory` for vit-eval and vit-predict).
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt returns 1 on success. A trim threshold of -1 (as unsigned) never trims.
     return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+
+
+def choose_freed_memory(choice: bool | None, device_type: str) -> bool:
+    """Keep freed memory if `choice` says so, or, where it is None, if the model runs on the
+    CPU; True when it took effect."""
+    wanted = device_type == "cpu" if choice is None else choice
+    return keep_freed_memory() if wanted else False
 
 
 def release_freed_memory() -> None:

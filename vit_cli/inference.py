@@ -247,12 +247,6 @@ class _Collate:
         return indices, self.transform.batch(torch.stack([p for _, p in readable])), errors
 
 
-def _yield_to_the_model(worker_id: int) -> None:
-    """Lowest CPU priority for a reading worker: it runs when the model's threads leave a
-    core idle, instead of preempting one of them and stalling the whole thread pool."""
-    os.nice(19)
-
-
 def attention_pictures(
     loaded: LoadedModel, paths: list[Path], batch_size: int = 32
 ) -> Iterator[tuple[Path, torch.Tensor]]:
@@ -319,7 +313,6 @@ def predict_files(
         collate_fn=_Collate(transform),
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_yield_to_the_model,
     )
     model.eval()
     for indices, images, errors in loader:

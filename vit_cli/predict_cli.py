@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vit_cli.cli import add_model_options, reported_errors
-from vit_cli.host_memory import keep_freed_memory
+from vit_cli.host_memory import choose_freed_memory
 
 USAGE_EXAMPLES = """examples:
   vit-predict best.pt digit.png
@@ -71,9 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Classify the inputs and print the results; returns the exit status."""
-    from rich.console import Console
     from rich.table import Table
 
+    from vit_cli.console import console_for
     from vit_cli.inference import (
         expand_inputs,
         loaded_model,
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     ckpt = read_for_inference(args.checkpoint)
     device = resolve_device(args.device)
+    choose_freed_memory(args.keep_freed_memory, device.type)
     precision = trained_precision(ckpt, device, args.precision)
     loaded = loaded_model(ckpt, args.checkpoint, args.ema, device)
     if args.max_pixels is not None:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     results = predict_files(loaded, paths, args.topk, precision, args.batch_size, args.workers)
 
     failed = 0
-    stderr = Console(stderr=True)
+    stderr = console_for(sys.stderr)
     if args.json:
         for result in results:
             line = {"path": str(result.path)}
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             others = ", ".join(f"{p.label} {p.prob:.1%}" for p in rest)
             table.add_row(str(result.path), best.label, f"{best.prob:.1%}", others)
         if table.rows:
-            Console().print(table)
+            console_for(sys.stdout).print(table)
     if failed:
         stderr.print(f"{failed} of {len(paths)} files could not be read.", highlight=False)
     if pictures and not args.json:
@@ -156,7 +157,6 @@ def write_attention(loaded, paths: list[Path], out: Path, batch_size: int) -> di
 def main(argv: list[str] | None = None) -> None:
     """`vit-predict`: classify image files; see `vit-predict --help`."""
     args = parse_args(argv)
-    keep_freed_memory()
     with reported_errors(tool="vit-predict"):
         try:
             status = run(args)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from vit_cli.cli import reported_errors, to_train_config
 from vit_cli.config import register_configs
 from vit_cli.errors import UserError
-from vit_cli.host_memory import keep_freed_memory
+from vit_cli.host_memory import choose_freed_memory
 from vit_cli.launch import (
     adopt_submitit_tasks,
     hydra_overrides_for_this_process,
@@ -60,6 +60,7 @@ def _train(cfg: DictConfig) -> float:
         with start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime:
             # One run folder for the whole job: the main process's.
             run_dir = runtime.broadcast(run_dir)
+            choose_freed_memory(train_cfg.keep_freed_memory, runtime.device.type)
             overrides = list(HydraConfig.get().overrides.task)
             result = fit(train_cfg, run_dir, runtime, overrides)
     # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
@@ -68,7 +69,6 @@ def _train(cfg: DictConfig) -> float:
 
 def main() -> None:
     """`vit-train`: train a model from the configs in vit_cli.configs plus overrides."""
-    keep_freed_memory()
     register_configs()
     _, world_size = launched_processes()
     if world_size > 1 and ("-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]):

@@ -161,33 +161,38 @@ class ImageFiles(Dataset):
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread, then restore the previous count.
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run torch ops on `threads` intra-op threads (None: as they are), then restore the count.
 
-    Augmenting a batch of small images gains nothing from more threads, and when another
-    process holds a core, a thread pool waiting for it made loading 40x slower (measured:
-    4,500 vs 110 img/s on 2 shared cores). Loader workers already run on one thread.
+    On a CPU-bound host, augmenting a batch gains little from more threads, and when another
+    process holds a core, a thread pool waiting for it stalls loading (docs/results.md, "Host
+    settings"). Loader workers already run on one thread.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 class Collate:
-    """Stack a list of (image, label) samples, dropping None, then run `augment` on the batch."""
+    """Stack a list of (image, label) samples, dropping None, then run `augment` on the batch
+    with `threads` intra-op threads (None: as many as the process has)."""
 
-    def __init__(self, augment: BatchAugment, sample_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self, augment: BatchAugment, sample_shape: tuple[int, int, int], threads: int | None
+    ) -> None:
         self.augment = augment
         self.sample_shape = sample_shape
+        self.threads = threads
 
     def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         samples = [s for s in samples if s is not None]
         if not samples:
             return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)
-        with _one_thread():
+        with _intra_op_threads(self.threads):
             images = torch.stack([image for image, _ in samples])  # (B, C, H, W)
             labels = torch.as_tensor([int(label) for _, label in samples])  # (B,)
             return self.augment(images), labels
@@ -208,6 +213,9 @@ def loaders(
     runtime = runtime or Runtime(torch.device("cpu"))
     shape = (cfg.in_chans, img_size, img_size)
     workers = cfg.num_workers
+    threads = cfg.augment_threads
+    if threads is None and runtime.device.type == "cpu":
+        threads = 1
     common = dict(
         num_workers=workers,
         pin_memory=pin_memory,
@@ -221,7 +229,9 @@ def loaders(
         drop_last=len(train_sampler) > cfg.batch_size,
         generator=generator,
         collate_fn=Collate(
-            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True), shape
+            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True),
+            shape,
+            threads,
         ),
         **common,
     )
@@ -230,7 +240,9 @@ def loaders(
         batch_size=cfg.eval_batch_size or cfg.batch_size,
         sampler=runtime.eval_sampler(len(splits.val)),
         collate_fn=Collate(
-            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False), shape
+            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False),
+            shape,
+            threads,
         ),
         **common,
     )
