@@ -1,7 +1,8 @@
-"""Is fp16 autocast with the CPU GradScaler worth it on this CPU? fp32 vs bf16 vs fp16.
+"""Which mixed precision pays on this CPU? fp32 vs bf16 vs fp16 training.
 
-`precision=amp` falls back to bf16 on CPU; this script is the measurement behind that
-choice. It trains the same model with each mode (the training step of
+`precision=amp` on a CPU runs bf16 autocast where the CPU has bf16 instructions, else fp32
+(vit_cli/precision.py); this script is the measurement behind that choice, and prints
+what amp comes to here. It trains the same model with each mode (the training step of
 benchmarks/throughput.py, AdamW), one warm-up step each, then the modes take turns window
 by window (benchmarks/timing.py) so that machine load hits all of them alike. Prints a
 table of the median training img/s, each mode against fp32 (ratio of medians, and in
@@ -9,6 +10,7 @@ brackets the median of the paired per-window ratios), and whether the loss staye
 
     python benchmarks/cpu_fp16.py                 # vit_tiny at 224, batch 16
     python benchmarks/cpu_fp16.py --model vit --img-size 16 --batch 32
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_fp16.py   # as on a CPU without bf16
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.table import Table
 
 from vit_cli.config import compose_train_config
 from vit_cli.models import build_model
-from vit_cli.precision import Precision
+from vit_cli.precision import Precision, cpu_has_bf16, resolve_precision
 
 # benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
 from timing import Timed, describe_host, host, make_console, make_train_step, measure, ratios
@@ -64,6 +66,10 @@ def main() -> None:
 
     console = make_console()
     console.print(describe_host(host(cpu)))
+    console.print(
+        f"bf16 instructions that oneDNN may use: {'yes' if cpu_has_bf16() else 'no'}; "
+        f"precision=amp runs as {resolve_precision('amp', cpu).chosen}"
+    )
     table = Table(title=f"CPU training, {args.model} at {args.img_size}, batch {args.batch}")
     for column in ("mode", "train img/s (median)", "vs fp32 (paired)", "loss finite"):
         table.add_column(column, justify="left" if column == "mode" else "right")

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"hflip {aug.hflip}, auto_augment {aug.auto_augment}, erase {aug.erase_prob}; "
         f"model: {cfg.model.name} at {img_size} px, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"precision {precision.name}\n"
+        f"precision {precision.label}\n"
         f"medians of {args.windows} windows: loader {args.batches_per_window} batches, "
         f"training {args.steps_per_window} steps"
     )

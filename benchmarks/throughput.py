@@ -8,10 +8,11 @@ Figures are medians over windows; against timm we also report the median of the 
 (paired) ratios. Prints a table: params, train and infer img/s, TFLOP/s, MFU against the
 host's matmul peak, peak memory, and the ratios against timm.
 
-With `--tensorboard-images` it measures what the TensorBoard pictures cost: whole `vit-train`
-runs (the trainer's `fit`, with its data, val and logging) with trainer.images_every_n_epochs
-at 1 and off, alternating run by run; it prints the training img/s that the trainer logs (the
-last epoch's) and each run's wall time, val and pictures included.
+With `--runs "A" "B" ...` it times whole `vit-train` runs (the trainer's `fit`, with its
+data, val and logging) of each quoted set of overrides, taking turns run by run, and prints
+the training img/s that the trainer logs (the last epoch's), each run's wall time (val and
+pictures included) and its final val top-1, with the paired ratios against the first set.
+`--tensorboard-images` is `--runs` with the TensorBoard pictures every epoch and off.
 
 With `--nproc N` it measures data parallelism instead: training img/s of N processes under
 torchrun (DistributedDataParallel) against one process, at the same global batch
@@ -25,6 +26,7 @@ Examples:
     python benchmarks/throughput.py model=swin_tiny data.batch_size=16 --json outputs/benchmarks/swin.json
     python benchmarks/throughput.py model=vit_base --device cuda --compile --windows 10
     python benchmarks/throughput.py trainer.epochs=3 --tensorboard-images --rounds 5
+    python benchmarks/throughput.py model=deit --runs precision=fp32 precision=amp --rounds 3
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, compose_train_config
 from vit_cli.errors import UserError
-from vit_cli.host_memory import keep_freed_memory, release_freed_memory
+from vit_cli.host_memory import keep_freed_memory
 from vit_cli.models import build_model
 from vit_cli.models.layers import Attention
 from vit_cli.optim import build_optimizer
@@ -89,6 +91,10 @@ TIMM_SWIN_SIZES = {
     (128, (2, 2, 18, 2), (4, 8, 16, 32)): "base",
 }
 PHASES = ("train", "infer")
+PICTURES_ON_OFF = {
+    "pictures on": ["trainer.images_every_n_epochs=1"],
+    "pictures off": ["trainer.images_every_n_epochs=null"],
+}
 
 
 # ----------------------------------------------------------------------------- options
@@ -127,6 +133,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        help="after timing, profile each model's train and infer steps (torch.profiler) and "
+        "print its N ops of most self time",
+    )
+    parser.add_argument(
         "--nproc",
         type=int,
         help="data-parallel mode: N processes (torchrun, DDP) against one, same global batch",
@@ -141,12 +154,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=3,
-        help="with --nproc or --tensorboard-images: runs of each setup, alternating",
+        help="with --nproc, --tensorboard-images or --runs: runs of each setup, alternating",
     )
     parser.add_argument(
         "--tensorboard-images",
         action="store_true",
         help="whole vit-train runs with the TensorBoard pictures on (every epoch) and off",
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="OVERRIDES",
+        help='whole vit-train runs of each quoted set of overrides ("" for none), taking '
+        "turns, against the first",
     )
     # Internal: one measurement of --nproc mode, in the process (or torchrun job) it runs in.
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
@@ -269,12 +289,13 @@ def forward_flops_per_image(model: nn.Module, images: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- memory
 
 
-def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> int | None:
-    """Peak memory one step needs above what was resident before it, in bytes.
+def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> int:
+    """Peak memory one step allocates above what was allocated before it, in bytes.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak resident set
-    (VmHWM, reset through /proc/self/clear_refs) after handing freed heap pages back to the
-    OS; process-wide, so a rough figure (None where /proc does not allow it).
+    The allocator's own count, which is this model's alone: CUDA's max_memory_allocated;
+    on the CPU, the running sum of the allocations and frees torch.profiler records in the
+    step. Not the process's resident memory, which moves with what other models' steps
+    left in the C heap.
     """
     gc.collect()
     if device.type == "cuda":
@@ -284,28 +305,14 @@ def step_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) -> 
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    release_freed_memory()
-    start = _reset_cpu_peak_rss()
-    if start is None:
-        return None
-    step()
-    return _read_proc_status("VmHWM") - start
-
-
-def _read_proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise OSError(f"{key} is not in /proc/self/status")
-
-
-def _reset_cpu_peak_rss() -> int | None:
-    """Reset VmHWM to the current RSS and return it (None: not possible here)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _read_proc_status("VmRSS")
-    except OSError:
-        return None
+    cpu = torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[cpu], profile_memory=True) as profiler:
+        step()
+    allocated = peak = 0
+    for event in sorted(profiler.events(), key=lambda e: e.time_range.start):
+        allocated += event.self_cpu_memory_usage
+        peak = max(peak, allocated)
+    return peak
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -314,7 +321,7 @@ def _reset_cpu_peak_rss() -> int | None:
 @dataclass
 class PhaseResult:
     timing: Timing  # img/s of every window, and the output of the last step
-    peak_memory: int | None  # bytes, of one extra untimed step
+    peak_memory: int  # bytes, of one extra untimed step
 
 
 @dataclass
@@ -378,7 +385,7 @@ def summarize(candidates: list[Candidate], peak: dict[str, float]) -> dict[str, 
                 "img_per_s_windows": result.timing.img_per_s,
                 "tflop_per_s": achieved / 1e12,
                 "mfu": achieved / peak[phase],
-                "peak_mem_mib": None if memory is None else memory / 2**20,
+                "peak_mem_mib": memory / 2**20,
             }
             if phase == "train":
                 entry[phase]["last_loss"] = result.timing.last.item()
@@ -433,16 +440,51 @@ def print_report(console: Console, meta: dict, summary: dict[str, dict]) -> None
             f"{train['tflop_per_s']:.3f}",
             f"{train['mfu']:.1%}",
             f"{infer['mfu']:.1%}",
-            "n/a" if train["peak_mem_mib"] is None else f"{train['peak_mem_mib']:.0f} MiB",
+            f"{train['peak_mem_mib']:.0f} MiB",
             *(_format_ratio(vs.get(phase)) for phase in PHASES),
         )
     console.print(table)
-    if meta["device"] == "cpu":
-        console.print("peak mem on CPU: growth of the process-wide peak RSS (VmHWM) in a step.")
+    console.print(
+        "peak mem: what one training step allocates at its peak above what was allocated "
+        "before it (the allocator's count: CUDA's, or torch.profiler's on the CPU)."
+    )
     for entry in summary.values():
         loss = entry["train"]["last_loss"]
         if not math.isfinite(loss):
             console.print(f"[red]{entry['label']}: the training loss is {loss}[/]")
+
+
+def print_profile(
+    console: Console,
+    title: str,
+    step: Callable[[], torch.Tensor],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> None:
+    """The `args.profile` ops of most self time over `--steps-per-window` steps of `step`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    step()
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(args.steps_per_window):
+            step()
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    total = sum(getattr(e, attribute) for e in events)
+    table = Table(title=f"profile: {title}, self time per step")
+    for column in ("op", "ms", "share", "calls"):
+        table.add_column(column, justify="left" if column == "op" else "right")
+    for event in events[: args.profile]:
+        self_us = getattr(event, attribute)
+        table.add_row(
+            event.key,
+            f"{self_us / 1e3 / args.steps_per_window:.2f}",
+            f"{self_us / total:.1%}",
+            str(event.count // args.steps_per_window),
+        )
+    console.print(table)
 
 
 def _format_ratio(ratio: dict[str, float] | None) -> str:
@@ -542,7 +584,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     meta = {
         **host(device),
         "malloc": "freed memory kept" if kept else "defaults",
-        "precision": precision.name,
+        "precision": precision.label,
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
@@ -566,6 +608,11 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     }
     summary = summarize(candidates, peak)
     print_report(console, meta, summary)
+    if args.profile:
+        for phase, steps in (("train", train_steps), ("infer", infer_steps)):
+            for c in candidates:
+                c.model.train(phase == "train")
+                print_profile(console, f"{c.label}, {phase}", steps[c.key], args, device)
     return {"meta": meta, "models": summary}
 
 
@@ -716,59 +763,70 @@ def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
 # ----------------------------------------------------------------------------- pictures
 
 
-def run_tensorboard_images(args: argparse.Namespace, console: Console) -> dict:
-    """Whole training runs with the TensorBoard pictures every epoch and without them."""
+def run_whole_runs(
+    args: argparse.Namespace, console: Console, setups: dict[str, list[str]]
+) -> dict:
+    """Whole training runs (the trainer's `fit`) of each setup, the setups taking turns run
+    by run: each setup's overrides come after the command line's."""
     from vit_cli.trainer import fit
 
-    setups = {"on": "trainer.images_every_n_epochs=1", "off": "trainer.images_every_n_epochs=null"}
     if not args.malloc_defaults:
         keep_freed_memory()
 
     def trainer(name: str, tmp: Path) -> Callable[[int], dict]:
         def train(round_: int) -> dict:
-            cfg = compose_train_config([*args.overrides, setups[name]])
+            cfg = compose_train_config([*args.overrides, *setups[name]])
             if args.device:
                 cfg.device = args.device
-            run_dir = tmp / f"{name}{round_}"
+            run_dir = tmp / f"setup{list(setups).index(name)}_round{round_}"
             result = fit(cfg, run_dir)
-            events = run_dir.glob("events.out.tfevents.*")
-            trained = result.final_metrics["throughput"]  # the last epoch's, as logged
+            metrics = result.final_metrics
             console.print(
-                f"round {round_ + 1}: pictures {name}: train {trained:.1f} img/s, "
-                f"run {result.wall_time:.1f} s"
+                f"round {round_ + 1}, {name}: train {metrics['throughput']:.1f} img/s, "
+                f"final val top-1 {metrics['val/acc1']:.2f}%, run {result.wall_time:.1f} s"
             )
             return {
-                "train_img_per_s": trained,
+                "train_img_per_s": metrics["throughput"],  # the last epoch's, as logged
+                "final_acc1": metrics["val/acc1"],
                 "wall_s": result.wall_time,
-                "event_bytes": sum(f.stat().st_size for f in events),
             }
 
         return train
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = take_turns({name: trainer(name, Path(tmp)) for name in setups}, args.rounds)
-    summary = {}
-    for key in ("train_img_per_s", "wall_s"):
-        on = [r[key] for r in runs["on"]]
-        off = [r[key] for r in runs["off"]]
-        summary[key] = {
-            "on": statistics.median(on),
-            "off": statistics.median(off),
-            "ratio_on_off": ratios(on, off)["median_of_paired_ratios"],
-        }
-    table = Table(caption=f"medians over {args.rounds} runs of each; ratio: median of paired")
-    for column in ("figure", "pictures on", "pictures off", "on / off"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
+    first, *others = setups
+    summary = {
+        key: {name: statistics.median(r[key] for r in runs[name]) for name in setups}
+        for key in ("train_img_per_s", "final_acc1", "wall_s")
+    }
+    table = Table(
+        caption=f"medians over {args.rounds} runs of each; ratio: median of paired ratios"
+    )
+    table.add_column("figure")
+    for name in setups:
+        table.add_column(name, justify="right")
+    for name in others:
+        table.add_column(f"{name} / {first}", justify="right")
     for key, label in (
         ("train_img_per_s", "train img/s (logged)"),
         ("wall_s", "run wall time (s)"),
+        ("final_acc1", "final val top-1 (%)"),
     ):
-        entry = summary[key]
+        paired = [
+            ratios([r[key] for r in runs[name]], [r[key] for r in runs[first]]) for name in others
+        ]
+        summary[key]["ratio"] = {
+            name: ratio["median_of_paired_ratios"]
+            for name, ratio in zip(others, paired, strict=True)
+        }
         table.add_row(
-            label, f"{entry['on']:.2f}", f"{entry['off']:.2f}", f"{entry['ratio_on_off']:.3f}"
+            label,
+            *(f"{summary[key][name]:.2f}" for name in setups),
+            *(f"{ratio['median_of_paired_ratios']:.3f}" for ratio in paired),
         )
     console.print(table)
-    return {"overrides": args.overrides, "runs": runs, "summary": summary}
+    return {"overrides": args.overrides, "setups": setups, "runs": runs, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -779,7 +837,9 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         if args.tensorboard_images:
-            results = run_tensorboard_images(args, console)
+            results = run_whole_runs(args, console, PICTURES_ON_OFF)
+        elif args.runs:
+            results = run_whole_runs(args, console, {s or "as given": s.split() for s in args.runs})
         elif args.nproc:
             results = run_data_parallel(args, console)
         else:

@@ -1,5 +1,9 @@
 import logging
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ import torch
 from tests.conftest import TINY
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.errors import UserError
-from vit_cli.precision import resolve_precision
+from vit_cli.precision import cpu_has_bf16, resolve_precision
 from vit_cli.trainer import fit
 
 CPU = torch.device("cpu")
@@ -23,16 +27,44 @@ def test_each_precision_trains_a_few_steps_with_finite_loss(compose_cfg, tmp_pat
     )
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["state"]["step"] == 4
+    assert ckpt["config"]["precision"]["chosen"] == resolve_precision(name, CPU).chosen
     assert math.isfinite(result.final_metrics["val/loss"])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_amp_on_cpu_falls_back_to_bf16_with_one_warning(caplog):
+def test_amp_on_a_cpu_is_bf16_where_it_has_bf16_instructions_else_fp32_with_one_warning(
+    caplog,
+):
     with caplog.at_level(logging.WARNING):
         precision = resolve_precision("amp", CPU)
-    assert precision.autocast_dtype == torch.bfloat16 and precision.name == "bf16"
-    assert not precision.grad_scaler().is_enabled()
-    assert len([r for r in caplog.records if "bf16" in r.getMessage()]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert precision.name == "amp" and not precision.grad_scaler().is_enabled()
+    if cpu_has_bf16():
+        assert precision.autocast_dtype == torch.bfloat16 and precision.label == "amp (bf16)"
+        assert warnings == []
+    else:
+        assert precision.autocast_dtype is None and precision.label == "amp (fp32)"
+        (warning,) = warnings
+        assert "no bf16 instructions" in warning and "precision=bf16 forces" in warning
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's x86 ISA cap")
+def test_a_cpu_whose_bf16_instructions_onednn_may_not_use_runs_amp_in_fp32():
+    # ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN to AVX2, as on a CPU without bf16 instructions.
+    probe = (
+        "import torch; from vit_cli.precision import cpu_has_bf16, resolve_precision; "
+        "print(resolve_precision('amp', torch.device('cpu')).chosen)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fp32"]
+    assert "no bf16 instructions" in done.stderr
 
 
 def test_autocast_dtypes():

@@ -145,26 +145,28 @@ def test_shifted_window_mask_separates_padding_from_real_tokens() -> None:
 
 
 def test_shifted_window_mask_blocks_cross_region_attention(monkeypatch) -> None:
-    """The softmax that SDPA computes gives exactly zero weight across regions."""
+    """The softmax that attention computes gives exactly zero weight across regions."""
+    import vit_cli.models.swin as swin
+
     torch.manual_seed(0)
     H = W = 8
     ws, shift = 4, 2
     block = SwinTransformerBlock(16, (H, W), num_heads=2, window_size=ws, shift_size=shift)
     block.eval()
     calls = []
-    sdpa = F.scaled_dot_product_attention
+    attend = swin.attend
 
-    def spy(q, k, v, attn_mask=None, **kwargs):
-        out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+    def spy(q, k, v, attn_mask, dropout_p, keep_weights):
+        out, weights = attend(q, k, v, attn_mask, dropout_p, keep_weights)
         calls.append((q, k, v, attn_mask, out))
-        return out
+        return out, weights
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(swin, "attend", spy)
     with torch.no_grad():
         block(torch.randn(2, H * W, 16))
     ((q, k, v, attn_mask, out),) = calls
     weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + attn_mask, dim=-1)
-    torch.testing.assert_close(weights @ v, out)  # these are the weights SDPA used
+    torch.testing.assert_close(weights @ v, out)  # these are the weights attention used
     nW = (H // ws) * (W // ws)
     weights = weights.view(2, nW, 2, ws * ws, ws * ws)  # windows and heads share an axis
 
@@ -431,3 +433,86 @@ def test_cifar_config_builds_for_32x32_images() -> None:
         (4, 4),
     ]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# The attention mask (relative position bias + window mask) kept between eval passes.
+
+
+def small_swin(seed: int = 0) -> SwinTransformer:
+    torch.manual_seed(seed)
+    # 32 px, patch 2, window 4: a shifted, masked block and an unmasked one in stage 1.
+    return SwinTransformer(
+        img_size=32, patch_size=2, num_classes=5, embed_dim=16, depths=(2, 2),
+        num_heads=(2, 4), window_size=4, drop_path_rate=0.0,
+    ).eval()  # fmt: skip
+
+
+def computed_afresh(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():  # with gradients on, nothing is kept
+        return model(x).detach()
+
+
+def test_the_kept_mask_follows_the_table_through_steps_loads_averages_and_copies() -> None:
+    import copy
+
+    from vit_cli.ema import ModelEma
+
+    model, x = small_swin(), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        first = model(x)
+    assert torch.equal(first, computed_afresh(model, x))
+    # Kept: a second pass reuses it (the same tensor object).
+    masks = [block.attn._cached_mask for block in model.layers[0].blocks]
+    with torch.no_grad():
+        model(x)
+    assert all(
+        m is block.attn._cached_mask for m, block in zip(masks, model.layers[0].blocks, strict=True)
+    )
+
+    # An optimizer step (fused AdamW updates the table in place).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.train()
+    model(x).sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        stepped = model(x)
+    assert not torch.allclose(stepped, first)
+    assert torch.equal(stepped, computed_afresh(model, x))
+
+    # load_state_dict of other weights.
+    model.load_state_dict(small_swin(seed=1).state_dict())
+    with torch.no_grad():
+        loaded = model(x)
+    assert torch.equal(loaded, computed_afresh(small_swin(seed=1), x))
+
+    # The weight average: updated in place by lerp_.
+    ema = ModelEma(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        before = ema.module(x)
+    model.load_state_dict(small_swin(seed=2).state_dict())
+    ema.update(model)
+    with torch.no_grad():
+        averaged = ema.module(x)
+    assert not torch.allclose(averaged, before)
+    assert torch.equal(averaged, computed_afresh(ema.module, x))
+
+    # A copy made after a pass computes its own.
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(small_swin(seed=3).state_dict())
+    with torch.no_grad():
+        assert torch.equal(copied(x), computed_afresh(small_swin(seed=3), x))
+
+
+@pytest.mark.slow
+def test_a_compiled_swin_sees_every_change_of_the_table() -> None:
+    model, x = small_swin(), torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), computed_afresh(model, x), rtol=1e-5, atol=1e-5)
+        model.train()
+        model(x).sum().backward()
+        optimizer.step()
+        model.eval()

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(path),
         "weights": weights,
         "data": {"name": data_cfg.name, "root": getattr(data_cfg, "root", None), "split": "val"},
-        "precision": precision.name,
+        "precision": precision.label,
         "device": str(device),
         "images": images,
         **metrics,

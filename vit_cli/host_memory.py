@@ -59,10 +59,3 @@ def choose_freed_memory(choice: bool | None, device_type: str) -> bool:
     CPU; True when it took effect."""
     wanted = device_type == "cpu" if choice is None else choice
     return keep_freed_memory() if wanted else False
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS now (glibc; elsewhere a no-op)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -17,11 +18,21 @@ PRECISIONS = ("fp32", "amp", "bf16")
 
 @dataclass(frozen=True)
 class Precision:
-    """What a precision name means on one device."""
+    """What a precision name came to on one device."""
 
-    name: str
+    name: str  # precision.name: fp32, amp or bf16
     device_type: str
     autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
+
+    @property
+    def chosen(self) -> str:
+        """The arithmetic the run uses: fp16, bf16 or fp32."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[self.autocast_dtype]
+
+    @property
+    def label(self) -> str:
+        """The name, and what it came to where that differs: `amp (bf16)`."""
+        return self.name if self.name == self.chosen else f"{self.name} ({self.chosen})"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -33,8 +44,26 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.autocast_dtype == torch.float16)
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16, AMX-BF16, Arm's BF16) and
+    oneDNN may use it (ONEDNN_MAX_CPU_ISA=AVX2, for one, forbids it).
+
+    Without them PyTorch runs bf16 matrix products in a fallback kernel, and bf16 autocast
+    trains many times slower than fp32 (docs/results.md, "Mixed precision on the CPU").
+    """
+    native = any(
+        value is True and "bf16" in key for key, value in torch.cpu.get_capabilities().items()
+    )
+    return native and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(name: str, device: torch.device, allow_tf32: bool = True) -> Precision:
-    """Map `precision.name` to a Precision for `device`, falling back where unsupported."""
+    """Map `precision.name` to a Precision for `device`.
+
+    `amp` is the fastest mixed precision the device has: fp16 with loss scaling on CUDA, bf16
+    on a CPU with bf16 instructions, else fp32 with a warning. fp32 and bf16 are what they say.
+    """
     if name not in PRECISIONS:
         raise UserError(f"Unknown precision.name={name!r}. Valid names: {', '.join(PRECISIONS)}.")
     if device.type == "cuda":
@@ -46,5 +75,10 @@ def resolve_precision(name: str, device: torch.device, allow_tf32: bool = True) 
         return Precision(name, device.type, torch.bfloat16)
     if device.type == "cuda":
         return Precision(name, device.type, torch.float16)
-    log.warning("precision=amp (fp16) runs on CUDA only; using bf16 autocast on %s", device.type)
-    return Precision("bf16", device.type, torch.bfloat16)
+    if device.type == "cpu" and cpu_has_bf16():
+        return Precision(name, device.type, torch.bfloat16)
+    log.warning(
+        "precision=amp: this CPU has no bf16 instructions, where mixed precision is slower "
+        "than fp32; running in fp32 (precision=bf16 forces bf16 autocast)"
+    )
+    return Precision(name, device.type, None)

@@ -58,11 +58,12 @@ def seed_everything(seed: int) -> None:
 
 # What a resumed run must share with its checkpoint: everything that decided the steps
 # already taken. trainer.epochs and max_steps (to train longer), logging, compile, the
-# number of processes and the timeout may change.
+# number of processes and the timeout may change, and what precision=amp comes to on
+# another host.
 RESUME_MUST_MATCH = (
-    "model", "data", "distill", "optimizer", "scheduler", "precision", "seed",
-    "trainer.grad_clip", "trainer.label_smoothing", "trainer.accumulate", "trainer.ema",
-    "trainer.freeze",
+    "model", "data", "distill", "optimizer", "scheduler", "precision.name",
+    "precision.allow_tf32", "seed", "trainer.grad_clip", "trainer.label_smoothing",
+    "trainer.accumulate", "trainer.ema", "trainer.freeze",
 )  # fmt: skip
 
 
@@ -277,6 +278,8 @@ def fit(
     data = c.data
     # The class count the data has, where its config may leave it out (data=imagefolder).
     cfg_dict["data"]["num_classes"] = data.num_classes
+    # What precision.name came to on this device (amp: fp16, bf16 or fp32), for the record.
+    cfg_dict["precision"]["chosen"] = c.precision.chosen
     state, metrics = TrainState(), {}
     had_events = any(run_dir.glob("events.out.tfevents.*"))
     if resume:
@@ -287,7 +290,7 @@ def fit(
     log.info(
         "model %s: %.2fM parameters, img_size %d, %d classes; device %s, precision %s; run dir %s",
         cfg.model.name, c.num_params / 1e6, c.img_size, data.num_classes, runtime.device,
-        c.precision.name, run_dir,
+        c.precision.label, run_dir,
     )  # fmt: skip
     log.info(
         "global batch %d = data.batch_size %d x %d process(es) x trainer.accumulate %d",

@@ -91,19 +91,26 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(q k^T / sqrt(d) + mask) v over (..., N, d) tensors, and the softmax if kept.
 
-    Training and inference take PyTorch's fused scaled_dot_product_attention, which never
-    forms the weights. `keep_weights` computes the same attention with an explicit softmax
-    and returns its weights (..., N, N) too: only attention maps ask for it.
+    PyTorch's scaled_dot_product_attention runs it, fused, without forming the weights,
+    except on the CPU where its fused kernel does not pay: with a mask (Swin's bias and
+    windows) the CPU falls back to an unfused path slower than the explicit product, and in
+    bf16 or fp16 its fused kernel is several times slower than the explicit product for
+    short sequences (docs/results.md, "Swin against timm" and "Mixed precision on the
+    CPU"). `keep_weights` also takes the explicit product and returns its weights
+    (..., N, N): only attention maps ask for it.
     """
-    if not keep_weights:
+    on_cpu_unfused = q.device.type == "cpu" and (attn_mask is not None or q.dtype != torch.float32)
+    if not (keep_weights or on_cpu_unfused):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p
         ), None
-    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:
-        logits = logits + attn_mask
-    weights = logits.softmax(dim=-1)
-    return F.dropout(weights, dropout_p) @ v, weights
+        logits = logits.add_(attn_mask)  # in place: backward needs the factors, not the product
+    # In fp32, as the fused kernels do, whatever the inputs' precision.
+    weights = logits.float().softmax(dim=-1).to(v.dtype)
+    out = F.dropout(weights, dropout_p, training=dropout_p > 0) @ v
+    return out, weights if keep_weights else None
 
 
 class Attention(nn.Module):

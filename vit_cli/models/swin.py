@@ -145,6 +145,8 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.keep_weights = False  # see layers.Attention
         self.weights: torch.Tensor | None = None
+        self._cached_key: tuple | None = None
+        self._cached_mask: torch.Tensor | None = None
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -152,6 +154,38 @@ class WindowAttention(nn.Module):
         N = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, self.num_heads).permute(2, 0, 1)  # (nh, N, N)
+
+    def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """What attention adds to its logits: the bias, plus the window mask if any.
+
+        (nh, N, N) without a mask, (nW * nh, N, N) with one. Where no gradient is wanted
+        (eval, inference) it is kept until the bias table changes: the table's version
+        counter moves with every in-place update (optimizer, weight average,
+        load_state_dict). Under torch.compile, export or tracing it is always computed, so
+        that it stays a function of the table in the captured graph.
+        """
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if torch.is_grad_enabled() or traced or torch.jit.is_tracing():
+            return self._attention_mask(mask, dtype)
+        table = self.relative_position_bias_table
+        key = (
+            table._version,
+            table.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            dtype,
+            torch.is_inference_mode_enabled(),
+        )
+        if self._cached_key != key:
+            self._cached_mask = self._attention_mask(mask, dtype)
+            self._cached_key = key
+        return self._cached_mask
+
+    def _attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        bias = self.relative_position_bias().contiguous()  # (nh, N, N)
+        if mask is None:
+            return bias.to(dtype)
+        nW, N, _ = mask.shape
+        return (bias + mask.unsqueeze(1)).view(nW * self.num_heads, N, N).to(dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend within each window.
@@ -165,20 +199,20 @@ class WindowAttention(nn.Module):
             (B, num_windows, heads, N, N) are kept in `weights`.
         """
         B, nW, N, C = x.shape
-        nh = self.num_heads
-        qkv = self.qkv(x).view(B, nW, N, 3, nh, self.head_dim)
-        # Windows and heads share one axis, (B, nW * nh, N, hd), so that attention is 4-D
-        # with a mask broadcast over the batch: the layout fused kernels and exporters take.
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * nh, N, self.head_dim).unbind(0)
-        attn_mask = self.relative_position_bias()  # (nh, N, N)
-        if mask is not None:
-            attn_mask = attn_mask + mask.unsqueeze(1)  # (nW, nh, N, N)
-        attn_mask = attn_mask.expand(nW, nh, N, N).reshape(nW * nh, N, N).to(q.dtype)
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, nW, N, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3,B,nW,nh,N,hd)
+        # Attention is 4-D, the layout fused kernels and exporters take, with a mask that
+        # broadcasts: over windows too, (B * nW, nh, N, hd) against the bias (nh, N, N);
+        # over the batch only, (B, nW * nh, N, hd) against bias + mask (nW * nh, N, N).
+        rows = (B * nW, nh) if mask is None else (B, nW * nh)
+        # One copy each: backward keeps k and v, and would keep a shared copy whole.
+        q, k, v = (t.reshape(*rows, N, hd) for t in qkv.unbind(0))
         dropout_p = self.attn_drop if self.training else 0.0
-        x, weights = attend(q, k, v, attn_mask, dropout_p, self.keep_weights)  # (B, nW*nh, N, hd)
+        attn_mask = self.attention_mask(mask, q.dtype)
+        x, weights = attend(q, k, v, attn_mask, dropout_p, self.keep_weights)
         if self.keep_weights:
             self.weights = weights.view(B, nW, nh, N, N)
-        x = x.view(B, nW, nh, N, self.head_dim).transpose(2, 3).reshape(B, nW, N, C)
+        x = x.view(B, nW, nh, N, hd).transpose(2, 3).reshape(B, nW, N, C)
         return self.proj_drop(self.proj(x))
 
 
