@@ -760,7 +760,7 @@ def run_data_parallel(args: argparse.Namespace, console: Console) -> dict:
     return summary
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- whole runs
 
 
 def run_whole_runs(

@@ -169,8 +169,10 @@ def test_matmul_rate_and_host_description_are_sensible(benchmarks):
 
 @pytest.mark.slow
 def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_path):
-    stdout, report = run_throughput(tmp_path, *TINY_RUN)
+    stdout, report = run_throughput(tmp_path, *TINY_RUN, "--profile=3")
     assert "train img/s" in stdout
+    for phase in ("train", "infer"):  # the top ops of each model
+        assert f"profile: ours (vit), {phase}" in stdout and "aten::" in stdout
 
     assert report["meta"]["batch_size"] == 2
     assert report["meta"]["img_size"] == 32
