@@ -600,12 +600,12 @@ def toy_source(monkeypatch) -> Iterator[None]:
 
 @pytest.mark.slow
 def test_a_new_source_is_one_module_and_one_yaml(toy_source, run_cli, tmp_path):
-    result = run_cli("data=toy", "data.images=48", *TINY, "hydra.run.dir=run")
+    result = run_cli("data=toy", "data.images=48", *TINY, "data.batch_size=16", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["data"]["class_names"] == ["a", "b", "c", "d"]
     assert ckpt["config"]["data"]["images"] == 48
-    assert ckpt["state"]["step"] == 2 * 48 // 16  # TINY: 2 epochs of 3 batches
+    assert ckpt["state"]["step"] == 2 * 48 // 16  # TINY: 2 epochs of 3 batches of 16
     # Its own keys are checked at composition like any other.
     typo = run_cli("data=toy", "data.imagse=48")
     assert typo.returncode == 2 and "imagse" in typo.stderr
