@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY
+from tests.test_mnist import write_family
 from vit_cli.models.vit import VisionTransformer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -265,3 +267,42 @@ def test_cpu_fp16_script_prints_every_mode_against_fp32(tmp_path):
     for mode in ("fp32", "bf16", "fp16 + GradScaler"):
         assert mode in stdout
     assert "1.00x (1.00x)" in stdout
+
+
+@pytest.mark.slow
+def test_curve_script_prints_each_epoch_s_minutes_and_top1_and_draws_them(tmp_path, run_cli):
+    result = run_cli(*TINY, "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr
+    stdout = run_script(tmp_path, "curve.py", "run", "--svg=curve.svg")
+    logged = EventAccumulator(str(tmp_path / "run")).Reload().Scalars("val/acc1")
+    rows = [line.split() for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 2]
+    assert [float(row[2].rstrip("%")) for row in rows] == pytest.approx(
+        [e.value for e in logged], abs=0.005
+    )
+    assert float(rows[0][1]) <= float(rows[1][1])  # minutes only go forward
+    svg = (tmp_path / "curve.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 1
+
+
+@pytest.mark.slow
+def test_a_cnn_teacher_trained_by_the_script_distils_a_deit_through_the_teacher_path(
+    tmp_path, run_cli
+):
+    write_family(tmp_path / "data", n_train=100, n_test=40)
+    data = [f"data.root={tmp_path / 'data'}", "data.batch_size=20"]
+    stdout = run_script(
+        tmp_path, "train_teacher.py", "experiment=fashion_mnist_deit", *data, "--epochs=1",
+        "--out=teachers/resnet18.pt",
+    )  # fmt: skip
+    assert "epoch 1/1" in stdout and "val top-1" in stdout
+    assert (tmp_path / "teachers/resnet18.pt").is_file()
+    result = run_cli(
+        "experiment=fashion_mnist_deit", *data, *TINY[1:], "trainer.epochs=1",
+        "distill.teacher.arch=resnet18", "distill.teacher.weights=teachers/resnet18.pt",
+        "hydra.run.dir=run",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert len(events.Scalars("teacher/val_acc1")) == 1
+    assert len(events.Scalars("train/loss_distill")) >= 1

@@ -1,4 +1,5 @@
-"""`vit-eval`: score a vit-train checkpoint on the val split of its data, or of other data.
+"""`vit-eval`: score a vit-train checkpoint on the val (or test) split of its data, or of
+other data.
 
 The model, its eval transform and the val loader are rebuilt from the config stored in the
 checkpoint, and scored by `evaluate`, the same function vit-train logs `val/acc1` with.
@@ -21,6 +22,7 @@ from vit_cli.host_memory import choose_freed_memory
 USAGE_EXAMPLES = """examples:
   vit-eval outputs/2026-11-24/10-00-00/best.pt
   vit-eval best.pt --ema
+  vit-eval last.pt --split test      # once, after tuning on a held-out val split
   vit-eval best.pt data=imagefolder data.root=~/data/flowers --out eval_flowers
 
 Overrides change the data to score: data=NAME picks another data config (configs/data/), and
@@ -41,6 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="data=NAME and data.KEY=VALUE")
     parser.add_argument(
         "--out", type=Path, help="output folder (default: eval_<name> beside the checkpoint)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="val (default): the split vit-train scored; test: the data's official test "
+        "split (CIFAR, the MNIST family), which is val unless data.val_fraction held out "
+        "part of train",
     )
     add_model_options(parser)
     parser.add_argument("--batch-size", type=int, help="default: the training run's eval batch")
@@ -158,7 +168,10 @@ def run(args: argparse.Namespace) -> dict:
     choose_freed_memory(args.keep_freed_memory, device.type)
     precision = trained_precision(ckpt, device, args.precision)
     model = model_of(ckpt, str(path), args.ema).to(device)
-    data = build_data(data_cfg, data_info["img_size"], torch.Generator(), runtime=Runtime(device))
+    data = build_data(
+        data_cfg, data_info["img_size"], torch.Generator(), runtime=Runtime(device),
+        eval_split=args.split,
+    )  # fmt: skip
     class_names = list(data_info["class_names"])
     if data.class_names != class_names:
         raise UserError(
@@ -188,11 +201,16 @@ def run(args: argparse.Namespace) -> dict:
     ]
     weights = "ema" if args.ema else "model"
     logged_key = "val_ema/acc1" if args.ema else "val/acc1"
-    own_data = not args.overrides
+    # The figure vit-train logged is for the same images: the checkpoint's data, and its val.
+    own_data = not args.overrides and data.same_val_as_training
     report = {
         "checkpoint": str(path),
         "weights": weights,
-        "data": {"name": data_cfg.name, "root": getattr(data_cfg, "root", None), "split": "val"},
+        "data": {
+            "name": data_cfg.name,
+            "root": getattr(data_cfg, "root", None),
+            "split": args.split,
+        },
         "precision": precision.label,
         "device": str(device),
         "images": images,
@@ -231,9 +249,10 @@ def print_report(report: dict) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     data = report["data"]
+    where = f" {data['root']}" if data["root"] else ""
     rows = [
         ("weights", report["weights"] + (f" (epoch {report['epoch']})" if report["epoch"] else "")),
-        ("data", f"{data['name']}{' ' + str(data['root']) if data['root'] else ''}, val split"),
+        ("data", f"{data['name']}{where}, {data['split']} split"),
         ("images", f"{report['images']:,}"),
         ("top-1", f"{report['acc1']:.2f}%"),
         ("top-5", f"{report['acc5']:.2f}%"),

@@ -1,6 +1,6 @@
 """Data sources: one registry from a source's name to its config schema and its builder.
 
-Each module of this package is one source (digits, cifar, imagefolder, fake) and defines
+Each module of this package is one source (digits, cifar, mnist, imagefolder, fake) and defines
 `SOURCE = DataSource(schema=..., build=...)`; `configs/data/<name>.yaml` names the schema in
 its defaults (`/schema/data/<name>@_here_`). Adding a source is one module here and one YAML:
 `sources` finds the module, `config.register_configs` stores its schema. Modules whose names
@@ -79,12 +79,16 @@ def build_data(
     generator: torch.Generator,
     pin_memory: bool = False,
     runtime: Runtime | None = None,
+    eval_split: str = "val",
 ) -> DataBundle:
     """Build train/val loaders at `img_size`. Re-seed `generator` each epoch to fix the order.
 
     With several processes (`runtime`), each process's loaders read its own share of both
-    splits (`Runtime.train_sampler`, `Runtime.eval_sampler`).
+    splits (`Runtime.train_sampler`, `Runtime.eval_sampler`). `eval_split="test"` puts the
+    data's official test split in the val loader's place (vit-eval --split test).
     """
+    from dataclasses import replace
+
     from vit_cli.data._shared import loaders
 
     build = source(cfg).build
@@ -99,13 +103,21 @@ def build_data(
             f"data.num_classes={cfg.num_classes} but data={cfg.name} has {found} classes. "
             f"Set data.num_classes={found}."
         )
-    return loaders(cfg, splits, img_size, generator, pin_memory, runtime)
+    same_val = eval_split == "val" or splits.test is splits.val
+    if eval_split == "test":
+        if splits.test is None:
+            raise UserError(
+                f"data={cfg.name} has no test split, only train and val: score val instead."
+            )
+        splits = replace(splits, val=splits.test)
+    bundle = loaders(cfg, splits, img_size, generator, pin_memory, runtime)
+    return replace(bundle, same_val_as_training=same_val)
 
 
 # Re-exported from _shared, which loads (with torch) on first use.
 _SHARED = (
-    "DataBundle", "ImageFiles", "SkipCounter", "Splits", "UNREADABLE", "UnsupportedImage",
-    "read_image",
+    "DataBundle", "ImageFiles", "MemoryImages", "SkipCounter", "Splits", "UNREADABLE",
+    "UnsupportedImage", "read_image",
 )  # fmt: skip
 
 

@@ -1,8 +1,10 @@
-"""What every data source shares: image files, the batch collate step and the loaders.
+"""What every data source shares: image files, images in memory, the batch collate step, the
+class-stratified hold-out and the loaders.
 
 Every dataset yields images of one size as uint8 (or [0, 1] float) tensors; the loader's
 collate step (`Collate` + `BatchAugment`) augments and normalises a whole batch at once.
-Small datasets (digits, CIFAR) are held in memory, so a batch costs no decoding at all.
+Small datasets (digits, CIFAR, the MNIST family) are held in memory (`MemoryImages`), and a
+batch is taken from them with one indexing operation: no decoding and no Python per image.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from vit_cli.augment import BatchAugment, build_batch_augment, pil_mode
 from vit_cli.config import DataConfig
 from vit_cli.runtime import Runtime
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +40,68 @@ class DataBundle:
     class_names: list[str]
     # Unreadable image files met by either loader (sources that read files: imagefolder).
     skipped: SkipCounter | None = None
+    # Whether the val loader reads the images that vit-train scores as val: false when it
+    # reads a test split that training never scored (vit-eval --split test).
+    same_val_as_training: bool = True
 
 
 @dataclass
 class Splits:
-    """What a source's builder returns: the two datasets and the class names, in label order."""
+    """What a source's builder returns: the datasets and the class names, in label order."""
 
     train: Dataset
     val: Dataset
     class_names: list[str]
     # The counter its datasets report unreadable files to (`ImageFiles`), if they read files.
     skipped: SkipCounter | None = None
+    # The dataset's official test split, when it has one (vit-eval --split test); it is
+    # `val` itself when val is the test split (CIFAR, and the MNIST family by default).
+    test: Dataset | None = None
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+class StackedSamples(NamedTuple):
+    """A batch of samples taken from `MemoryImages` at once: what its collate step stacks."""
+
+    images: torch.Tensor  # (B, C, H, W)
+    labels: torch.Tensor  # (B,)
+
+
+class MemoryImages(TensorDataset):
+    """Images (N, C, H, W) and labels (N,) held as tensors.
+
+    A DataLoader asks for a whole batch at once (`__getitems__`), so a batch is one indexing
+    operation instead of one Python call per image and a stack.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__(images, labels)
+
+    def __getitems__(self, indices: list[int]) -> StackedSamples:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images, labels = self.tensors
+        return StackedSamples(images[index], labels[index])
+
+
+def split_each_class(
+    members: list[list[T]], fraction: float, seed: int
+) -> tuple[list[list[T]], list[list[T]]]:
+    """Hold out `fraction` of each class's members (at least one, never all), drawn with `seed`.
+
+    `members[k]` lists class k's members; returns the kept and the held-out members of each
+    class, each in their given order. The same seed always draws the same members.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kept, held_out = [], []
+    for group in members:
+        order = torch.randperm(len(group), generator=generator).tolist()
+        n_out = min(max(round(len(group) * fraction), 1), len(group) - 1)
+        out = set(order[:n_out])
+        held_out.append([m for i, m in enumerate(group) if i in out])
+        kept.append([m for i, m in enumerate(group) if i not in out])
+    return kept, held_out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -178,8 +234,9 @@ def _intra_op_threads(threads: int | None) -> Iterator[None]:
 
 
 class Collate:
-    """Stack a list of (image, label) samples, dropping None, then run `augment` on the batch
-    with `threads` intra-op threads (None: as many as the process has)."""
+    """Stack a list of (image, label) samples, dropping None (or take `StackedSamples` as
+    they are), then run `augment` on the batch with `threads` intra-op threads (None: as many
+    as the process has)."""
 
     def __init__(
         self, augment: BatchAugment, sample_shape: tuple[int, int, int], threads: int | None
@@ -188,7 +245,10 @@ class Collate:
         self.sample_shape = sample_shape
         self.threads = threads
 
-    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: list | StackedSamples) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(samples, StackedSamples):
+            with _intra_op_threads(self.threads):
+                return self.augment(samples.images), samples.labels
         samples = [s for s in samples if s is not None]
         if not samples:
             return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)

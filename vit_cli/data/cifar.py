@@ -23,10 +23,9 @@ from vit_cli.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch.utils.data import TensorDataset
     from torchvision import datasets
 
-    from vit_cli.data._shared import Splits
+    from vit_cli.data._shared import MemoryImages, Splits
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,12 @@ def _read_batch(path: Path) -> dict:
 
 def _read_cifar(
     folder: Path, cls: type[datasets.CIFAR10], train: bool, num_classes: int
-) -> TensorDataset:
+) -> MemoryImages:
     """The batch files of one split as uint8 images (N, 3, 32, 32) and labels (N,)."""
     import numpy as np
     import torch
-    from torch.utils.data import TensorDataset
+
+    from vit_cli.data._shared import MemoryImages
 
     images, labels = [], []
     for name, _ in cls.train_list if train else cls.test_list:
@@ -141,7 +141,7 @@ def _read_cifar(
             )
         images.append(torch.from_numpy(data).view(-1, 3, 32, 32))  # rows: R, G, B planes
         labels.append(batch_labels)
-    return TensorDataset(torch.cat(images), torch.cat(labels))
+    return MemoryImages(torch.cat(images), torch.cat(labels))
 
 
 def _md5(path: Path) -> str:
@@ -261,8 +261,8 @@ def build(cfg: CifarConfig, img_size: int) -> Splits:
         ) from e
     num_classes = len(class_names)
     train = _read_cifar(folder, cls, True, num_classes)
-    val = _read_cifar(folder, cls, False, num_classes)
-    return Splits(train, val, class_names)
+    test = _read_cifar(folder, cls, False, num_classes)
+    return Splits(train, test, class_names, test=test)
 
 
 SOURCE = DataSource(schema=CifarConfig, build=build, prepare=prepare, names=NAMES)

@@ -17,9 +17,8 @@ def build(cfg: DataConfig, img_size: int) -> Splits:
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from torch.utils.data import TensorDataset
 
-    from vit_cli.data._shared import Splits
+    from vit_cli.data._shared import MemoryImages, Splits
 
     digits = load_digits()
     # Pixels are 0..16; scale to [0, 1] like any image.
@@ -34,8 +33,8 @@ def build(cfg: DataConfig, img_size: int) -> Splits:
             images, size=(img_size, img_size), mode="bilinear", align_corners=False
         )
     return Splits(
-        TensorDataset(images[train_idx], labels[train_idx]),
-        TensorDataset(images[val_idx], labels[val_idx]),
+        MemoryImages(images[train_idx], labels[train_idx]),
+        MemoryImages(images[val_idx], labels[val_idx]),
         [str(d) for d in range(10)],
     )
 

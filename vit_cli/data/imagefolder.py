@@ -67,16 +67,10 @@ def _split_by_class(
     files: dict[str, list[str]], fraction: float, seed: int
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Hold out `fraction` of every class (at least one image, never all), drawn with `seed`."""
-    import torch
+    from vit_cli.data._shared import split_each_class
 
-    generator = torch.Generator().manual_seed(seed)
-    train, val = {}, {}
-    for name, paths in files.items():
-        order = torch.randperm(len(paths), generator=generator).tolist()
-        n_val = min(max(round(len(paths) * fraction), 1), len(paths) - 1)
-        val[name] = sorted(paths[i] for i in order[:n_val])
-        train[name] = sorted(paths[i] for i in order[n_val:])
-    return train, val
+    train, val = split_each_class(list(files.values()), fraction, seed)
+    return dict(zip(files, train, strict=True)), dict(zip(files, val, strict=True))
 
 
 _FOLDER_LAYOUT = (
