@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,22 @@ class ImageFiles(Dataset):
         """The paths of the samples read so far without error, in order."""
         unreadable = self.unreadable.tolist()
         return [path for (path, _), bad in zip(self.samples, unreadable, strict=True) if not bad]
+
+
+# Seconds to wait on the network when fetching a dataset, so that an offline machine fails fast.
+DOWNLOAD_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def network_timeout(seconds: float = DOWNLOAD_TIMEOUT) -> Iterator[None]:
+    """Give every socket opened inside a timeout of `seconds` (torchvision's downloaders set
+    none), then restore the previous default."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 @contextlib.contextmanager

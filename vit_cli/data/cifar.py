@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-import socket
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds to wait on the network when fetching CIFAR, so an offline machine fails fast.
-DOWNLOAD_TIMEOUT = 30.0
 NAMES = ("cifar10", "cifar100")
 
 
@@ -156,12 +153,13 @@ def _download_cifar(cls: type[datasets.CIFAR10], root: Path, name: str) -> None:
     """Download the archive into `root` (checked against its md5), or explain where to put it."""
     from torchvision.datasets.utils import download_url
 
+    from vit_cli.data._shared import network_timeout
+
     archive = root / cls.filename
     log.info("downloading %s to %s", cls.url, root)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        download_url(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        with network_timeout():
+            download_url(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except (OSError, RuntimeError) as e:  # URLError and timeouts are OSErrors
         archive.unlink(missing_ok=True)  # a partial download would be taken for the archive
         raise UserError(
@@ -169,8 +167,6 @@ def _download_cifar(cls: type[datasets.CIFAR10], root: Path, name: str) -> None:
             f"{cls.url} and put {cls.filename} in {root} (the folder data.root names), then "
             "run again."
         ) from e
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def _extract(archive: Path, root: Path) -> None:

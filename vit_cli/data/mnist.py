@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -46,8 +45,6 @@ NAMES = ("mnist", "fashion_mnist", "kmnist")
 SYSTEM_FOLDERS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 # Where the files are downloaded to, and looked for, when data.root is not set.
 DEFAULT_ROOT = Path("~/.cache/vit_cli/data")
-# Seconds to wait on the network, so that an offline machine fails fast.
-DOWNLOAD_TIMEOUT = 30.0
 # The files of each split, without their .gz suffix.
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -142,12 +139,13 @@ def _layout_hint(cfg: IdxConfig, root: Path) -> str:
 def _download(cfg: IdxConfig, root: Path) -> None:
     """Fetch the files into root/<Name>/raw with torchvision's downloader, which tries each
     official mirror and checks every file's md5; or explain where to put them."""
+    from vit_cli.data._shared import network_timeout
+
     cls = _torchvision_class(cfg.name)
     log.info("downloading %s to %s", cfg.name, root / cls.__name__ / "raw")
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        cls(str(root), train=True, download=True)
+        with network_timeout():
+            cls(str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:  # URLError and timeouts are OSErrors
         _remove_unverified(cls, root / cls.__name__ / "raw")
         raise UserError(
@@ -155,8 +153,6 @@ def _download(cfg: IdxConfig, root: Path) -> None:
             f"{str(e).splitlines()[0] if str(e) else ''}). Fetch them from {cls.mirrors[0]} "
             f"and put them in {root}, then run again. {_layout_hint(cfg, root)}."
         ) from e
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def _remove_unverified(cls: type[datasets.MNIST], folder: Path) -> None:
