@@ -264,14 +264,14 @@ class Collate:
 
     def __call__(self, samples: list | StackedSamples) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(samples, StackedSamples):
-            with _intra_op_threads(self.threads):
-                return self.augment(samples.images), samples.labels
-        samples = [s for s in samples if s is not None]
-        if not samples:
-            return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)
-        with _intra_op_threads(self.threads):
+            images, labels = samples
+        else:
+            samples = [s for s in samples if s is not None]
+            if not samples:
+                return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)
             images = torch.stack([image for image, _ in samples])  # (B, C, H, W)
             labels = torch.as_tensor([int(label) for _, label in samples])  # (B,)
+        with _intra_op_threads(self.threads):
             return self.augment(images), labels
 
 
