@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render the TensorBoard screenshots shown in the README from a real run folder.
+"""Render the TensorBoard screenshots shown in docs/tensorboard.md from a real run folder.
 
 `vit-train` writes its TensorBoard event files into the run folder. This script starts
 TensorBoard on that folder, opens each dashboard in headless Chromium, waits until the

@@ -196,7 +196,7 @@ def start_runtime(device_name: str, timeout_s: float) -> Iterator[Runtime]:
     if missing:
         raise UserError(
             f"WORLD_SIZE={world_size} is set but {', '.join(missing)} is not. Start "
-            "several processes with torchrun (README: Multi-GPU and multi-node)."
+            "several processes with torchrun (docs/distributed.md)."
         )
     if device_name.startswith("cuda:"):
         raise UserError(

@@ -30,7 +30,7 @@ from vit_cli.launch import (
 CONFIG_PATH = "pkg://vit_cli.configs"
 _ONE_JOB_PER_TORCHRUN = (
     "vit-train -m runs a sweep of jobs one after another, and a torchrun job is one run: "
-    "start one torchrun per configuration (README: Multi-GPU and multi-node)."
+    "start one torchrun per configuration (docs/distributed.md)."
 )
 
 
