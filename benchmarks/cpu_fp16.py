@@ -21,7 +21,7 @@ import math
 import torch
 from rich.table import Table
 
-from vit_cli.config import compose_train_config
+from vit_cli.composition import compose_train_config
 from vit_cli.models import build_model
 from vit_cli.precision import Precision, cpu_has_bf16, resolve_precision
 

@@ -31,7 +31,7 @@ import torch
 from rich.table import Table
 from torchvision import datasets
 
-from vit_cli.config import compose_train_config
+from vit_cli.composition import compose_train_config
 from vit_cli.data import build_data
 from vit_cli.host_memory import keep_freed_memory
 from vit_cli.models import build_model

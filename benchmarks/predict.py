@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vit_cli.checkpoint import FORMAT_VERSION, save_checkpoint
-from vit_cli.config import compose_train_config
+from vit_cli.composition import compose_train_config
 from vit_cli.host_memory import keep_freed_memory
 from vit_cli.inference import expand_inputs, load_model, predict_files
 from vit_cli.models import build_model

@@ -55,7 +55,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig, compose_train_config
+from vit_cli.composition import compose_train_config
+from vit_cli.config import DeiTConfig, SwinConfig, TrainConfig, ViTConfig
 from vit_cli.errors import UserError
 from vit_cli.host_memory import keep_freed_memory
 from vit_cli.models import build_model

@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 from vit_cli.checkpoint import save_checkpoint
-from vit_cli.config import compose_train_config
+from vit_cli.composition import compose_train_config
 from vit_cli.data import build_data
 from vit_cli.evaluation import evaluate
 from vit_cli.precision import resolve_precision

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from vit_cli.config import TrainConfig, register_configs
+from vit_cli.composition import register_configs
+from vit_cli.config import TrainConfig
 
 CONFIG_DIR = str(files("vit_cli.configs"))
 

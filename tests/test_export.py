@@ -21,7 +21,7 @@ import vit_cli
 from tests.conftest import TINY
 from vit_cli import export
 from vit_cli.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from vit_cli.config import compose_train_config
+from vit_cli.composition import compose_train_config
 from vit_cli.errors import UserError
 from vit_cli.export import TOLERANCES, export_checkpoint
 from vit_cli.inference import load_model, model_of, read_for_inference

@@ -257,7 +257,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
     from omegaconf import OmegaConf
 
     from tests.conftest import CONFIG_DIR
-    from vit_cli.config import register_configs
+    from vit_cli.composition import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

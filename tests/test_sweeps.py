@@ -21,7 +21,7 @@ from tests.conftest import TINY, _vit_train_command
 from tests.test_distributed import EXACT, env, run, torchrun
 from tests.test_recovery import ARGS, assert_same_end
 from vit_cli.checkpoint import load_checkpoint
-from vit_cli.config import register_configs
+from vit_cli.composition import register_configs
 from vit_cli.errors import UserError
 from vit_cli.stopping import hand_on, stop_on_signals, stop_signals
 

@@ -1,4 +1,4 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+"""Typed schemas for every config group (composition.py registers them in Hydra's ConfigStore).
 
 Composition merges the YAML files in `configs/` into these dataclasses, so a misspelt key
 or a value of the wrong type fails before any work starts, naming the key.
@@ -6,13 +6,10 @@ or a value of the wrong type fails before any work starts, naming the key.
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from vit_cli.errors import UserError
 
@@ -422,30 +419,3 @@ def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
         ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
         positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
     ]  # fmt: skip
-
-
-def register_configs() -> None:
-    """Store the schemas that the YAML files in configs/ name in their defaults lists."""
-    # The registries import the schemas above.
-    from vit_cli.data import sources
-    from vit_cli.models import FAMILIES
-
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for name, family in FAMILIES.items():
-        cs.store(group="schema/model", name=name, node=family.schema)
-    for name, source in sources().items():
-        cs.store(group="schema/data", name=name, node=source.schema)
-
-
-def compose_train_config(overrides: list[str]) -> TrainConfig:
-    """vit-train's config with `overrides`, composed by Hydra outside a Hydra app.
-
-    For the tools that take vit-train's overrides without training (vit-eval's `data=NAME`,
-    the benchmarks), so that every config is composed one way: from `configs/` by Hydra.
-    """
-    register_configs()
-    config_dir = str(importlib.resources.files("vit_cli.configs"))
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return OmegaConf.to_object(cfg)

@@ -68,7 +68,7 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    from vit_cli.config import compose_train_config
+    from vit_cli.composition import compose_train_config
     from vit_cli.data import sources
 
     groups = [o.removeprefix("data=") for o in overrides if o.startswith("data=")]

@@ -592,7 +592,7 @@ def create_model(
     `img_size` defaults to the preset's (224 where it names none); `model_overrides` set other
     keys of the preset (`drop_path_rate=0.1`, `window_size=12`).
     """
-    from vit_cli.config import compose_train_config
+    from vit_cli.composition import compose_train_config
     from vit_cli.models import build_model
 
     overrides = [f"model={name}", *(f"model.{k}={v}" for k, v in model_overrides.items())]

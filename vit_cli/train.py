@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vit_cli.cli import reported_errors, to_train_config
-from vit_cli.config import register_configs
+from vit_cli.composition import register_configs
 from vit_cli.errors import UserError
 from vit_cli.host_memory import choose_freed_memory
 from vit_cli.launch import (

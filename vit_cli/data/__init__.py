@@ -3,7 +3,7 @@
 Each module of this package is one source (digits, cifar, mnist, imagefolder, fake) and defines
 `SOURCE = DataSource(schema=..., build=...)`; `configs/data/<name>.yaml` names the schema in
 its defaults (`/schema/data/<name>@_here_`). Adding a source is one module here and one YAML:
-`sources` finds the module, `config.register_configs` stores its schema. Modules whose names
+`sources` finds the module, `composition.register_configs` stores its schema. Modules whose names
 start with `_` are not sources (`_shared`: image files, collate, loaders).
 
 The source modules import torch when they build, and the shared parts load on first use,

@@ -1,0 +1,40 @@
+"""Hydra composition of vit-train's config: the schemas registered, the YAML composed.
+
+Apart from config.py, which holds the schemas, because the registries it reads (the model
+families, the data sources) import those schemas themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from vit_cli.config import TrainConfig
+from vit_cli.data import sources
+from vit_cli.models import FAMILIES
+
+
+def register_configs() -> None:
+    """Store the schemas that the YAML files in configs/ name in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, family in FAMILIES.items():
+        cs.store(group="schema/model", name=name, node=family.schema)
+    for name, source in sources().items():
+        cs.store(group="schema/data", name=name, node=source.schema)
+
+
+def compose_train_config(overrides: list[str]) -> TrainConfig:
+    """vit-train's config with `overrides`, composed by Hydra outside a Hydra app.
+
+    For the tools that take vit-train's overrides without training (vit-eval's `data=NAME`,
+    the benchmarks), so that every config is composed one way: from `configs/` by Hydra.
+    """
+    register_configs()
+    config_dir = str(importlib.resources.files("vit_cli.configs"))
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return OmegaConf.to_object(cfg)
