@@ -1,4 +1,6 @@
-"""What every benchmark here shares: the host, the steps it times, and how it times them.
+"""What every benchmark here shares: the host, the steps it times, and how it times them;
+the options and the error and JSON handling of the scripts. The models they put side by
+side (ours, timm's peer), with their FLOPs and peak memory, are in side_by_side.py.
 
 The procedure: each candidate (a model, a precision, the loader...) first takes some untimed
 warm-up steps; then come rounds in which every candidate times one window of its steps,
@@ -13,7 +15,9 @@ a script's own folder first on `sys.path`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -24,9 +28,12 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from torch import nn
 
+from vit_cli.errors import UserError
 from vit_cli.precision import Precision
 
 T = TypeVar("T")
@@ -210,3 +217,65 @@ def ratios(figures: Sequence[float], baseline: Sequence[float]) -> dict[str, flo
         "ratio_of_medians": statistics.median(figures) / statistics.median(baseline),
         "median_of_paired_ratios": statistics.median(paired),
     }
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every script with Hydra overrides takes."""
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for vit-train")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc at its defaults instead of keeping freed memory, as the "
+        "vit_cli commands do (vit_cli/host_memory.py)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that feeds the config's model random batches."""
+    parser.add_argument("--in-chans", type=int, default=3, help="input channels (3, as timm)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes (1000, as timm)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile-mode", default="default", help="mode for torch.compile")
+
+
+def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timm-model", help="timm peer; default: derived from the config")
+    parser.add_argument("--no-timm", action="store_true", help="measure without the timm peer")
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the procedure: warm-up, windows, and the matmul peak."""
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model and phase")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per model and phase")
+    parser.add_argument("--steps-per-window", type=int, default=5)
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        help="side of the square peak matmul (default: 2048 CPU, 4096 CUDA)",
+    )
+
+
+def check_window_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.warmup < 0 or args.windows < 1 or args.steps_per_window < 1:
+        parser.error("--windows and --steps-per-window must be positive, --warmup not negative")
+
+
+def run_script(run: Callable[[Console], dict], json_path: Path | None) -> int:
+    """Run a script's measurement and write its figures to `json_path`, if given; a
+    user's error (a bad override, an unknown timm model) is one red line and exit code 2."""
+    console = make_console()
+    try:
+        results = run(console)
+    except (UserError, HydraException, OmegaConfBaseException) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    return 0

@@ -14,6 +14,8 @@ dashboard has drawn its data (not a loading spinner), and saves one PNG per tab:
 Requirements
 ------------
 * TensorBoard, installed with the project's dependencies (tested with TensorBoard 2.21).
+* Playwright for Python, in the project's `docs` extra: `pip install -e ".[docs]"`. It drives
+  the system's Chromium; its own browser download (`playwright install`) is not needed.
 * Chromium (or Google Chrome). On Debian/Ubuntu:
 
       sudo apt-get install -y chromium fonts-dejavu-core
@@ -39,31 +41,27 @@ The script exits with status 1 if a dashboard did not finish loading within `--w
 
 How it works
 ------------
-TensorBoard is started on 127.0.0.1 with a free port and stopped at the end. Chromium is
-driven through the DevTools protocol over a pipe (`--remote-debugging-pipe`), so only the
-Python standard library is needed. For each tab the page is polled until its content is
-drawn (charts have lines, images have loaded, text cards are rendered, the HParams table has
-a row) and nothing is spinning; then, after a short settle time, the viewport is captured.
-The page is set up the way a user would set it up: Time Series charts are drawn as SVG
-(TensorBoard's `forceSVG` flag; its WebGL charts stay blank in a browser without a GPU)
-with the settings pane closed; "Ignore outliers in chart scaling" is off, so that short runs
-show their whole curve (both are stored settings, written before the page loads); in
-HParams only the `--hparams` columns are ticked and the first row's "Show Metrics" box is
-checked, by clicking them once the table is there, and the table's columns and metrics
+TensorBoard is started on 127.0.0.1 with a free port and stopped at the end. Playwright
+launches the Chromium found (`executable_path`) headless. For each tab the page is polled
+until its content is drawn (charts have lines, images have loaded, text cards are rendered,
+the HParams table has a row) and nothing is spinning; then, after a short settle time, the
+viewport is captured. The page is set up the way a user would set it up: Time Series charts
+are drawn as SVG (TensorBoard's `forceSVG` flag; its WebGL charts stay blank in a browser
+without a GPU) with the settings pane closed; "Ignore outliers in chart scaling" is off, so
+that short runs show their whole curve (both are stored settings, written before the page
+loads); in HParams only the `--hparams` columns are ticked and the first row's "Show Metrics"
+box is checked, by clicking them once the table is there, and the table's columns and metrics
 panel are sized to their contents so that they are not cut off.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import fcntl
 import io
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -88,6 +86,7 @@ TAB_PLUGINS = {
 
 DEFAULT_TAG_FILTER = r"^(train|val)/"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+INSTALL_HINT = 'error: Playwright is not installed; pip install -e ".[docs]"'
 
 
 # --------------------------------------------------------------------------------------
@@ -382,7 +381,7 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Chromium over the DevTools protocol (pipe transport: JSON messages ended by NUL bytes)
+# Chromium, through Playwright
 # --------------------------------------------------------------------------------------
 
 
@@ -402,162 +401,22 @@ def find_chromium(explicit: str | None) -> str:
     )
 
 
-class Browser:
-    def __init__(self, binary: str, width: int, height: int, workdir: Path):
-        self.width, self.height = width, height
-        to_r, self._to_w = os.pipe()
-        self._from_r, from_w = os.pipe()
-
-        def child_fds():  # Chromium reads commands on fd 3 and writes replies on fd 4
-            a = fcntl.fcntl(to_r, fcntl.F_DUPFD_CLOEXEC, 10)
-            b = fcntl.fcntl(from_w, fcntl.F_DUPFD_CLOEXEC, 10)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        cmd = [
-            binary,
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--hide-scrollbars",
-            "--remote-debugging-pipe",
-            f"--user-data-dir={workdir / 'profile'}",
-            f"--window-size={width},{height}",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-extensions",
-            "--disable-sync",
-            "--mute-audio",
-            "--lang=en-US",
-            "--force-color-profile=srgb",
-            "about:blank",
-        ]
-        self.log_path = workdir / "chromium.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                preexec_fn=child_fds,
-                close_fds=False,
-                start_new_session=True,
-            )
-        os.close(to_r)
-        os.close(from_w)
-        self._next_id = 0
-        self._buffer = b""
-
-    def call(
-        self,
-        method: str,
-        params: dict | None = None,
-        session: str | None = None,
-        timeout: float = 30.0,
-    ) -> dict:
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        try:
-            os.write(self._to_w, json.dumps(message).encode() + b"\0")
-        except BrokenPipeError:
-            raise RuntimeError(f"Chromium exited:\n{tail(self.log_path)}") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._receive(deadline)
-            if reply.get("id") == self._next_id:  # anything else is an event; not needed
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error'].get('message')}")
-                return reply.get("result", {})
-
-    def _receive(self, deadline: float) -> dict:
-        while b"\0" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("Chromium did not answer")
-            if select.select([self._from_r], [], [], left)[0]:
-                chunk = os.read(self._from_r, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"Chromium exited:\n{tail(self.log_path)}")
-                self._buffer += chunk
-        raw, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(raw)
-
-    def open(self, url: str, before_load: str = "") -> tuple[str, str]:
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-        self.call(
-            "Emulation.setDeviceMetricsOverride",
-            {
-                "width": self.width,
-                "height": self.height,
-                "deviceScaleFactor": 1,
-                "mobile": False,
-            },
-            session,
-        )
-        if before_load:
-            self.call("Page.enable", session=session)
-            self.call("Page.addScriptToEvaluateOnNewDocument", {"source": before_load}, session)
-        self.call("Page.navigate", {"url": url}, session)
-        return target, session
-
-    def evaluate(self, session: str, expression: str):
-        reply = self.call(
-            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session
-        )
-        if "exceptionDetails" in reply:
-            details = reply["exceptionDetails"]
-            text = details.get("exception", {}).get("description") or details.get("text")
-            raise RuntimeError(f"page script failed: {text}")
-        return reply.get("result", {}).get("value")
-
-    def screenshot(self, session: str) -> bytes:
-        data = self.call("Page.captureScreenshot", {"format": "png"}, session, timeout=60)["data"]
-        return base64.b64decode(data)
-
-    def close_target(self, target: str) -> None:
-        with contextlib.suppress(RuntimeError, TimeoutError):
-            self.call("Target.closeTarget", {"targetId": target})
-
-    def quit(self) -> None:
-        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
-            self.call("Browser.close", timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        stop(self.proc, grace=5)
-        for fd in (self._to_w, self._from_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-# --------------------------------------------------------------------------------------
-
-
-def capture(
-    browser: Browser, url: str, before_load: str, script: str, wait: float, settle: float
-) -> tuple[bytes, str, bool]:
+def capture(page, url: str, script: str, wait: float, settle: float) -> tuple[bytes, str, bool]:
     """Load `url`, poll `script` until the page is ready and stays ready, take the shot."""
-    target, session = browser.open(url, before_load)
-    try:
-        deadline = time.monotonic() + wait
-        note, ready_since = "page loading", None
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            state = browser.evaluate(session, script) or {}
-            note = state.get("note", note)
-            if not state.get("ready"):
-                ready_since = None
-            elif ready_since is None:
-                ready_since = time.monotonic()
-            elif time.monotonic() - ready_since >= settle:  # animations and late redraws
-                return browser.screenshot(session), note, True
-        return browser.screenshot(session), note, False
-    finally:
-        browser.close_target(target)
+    page.goto(url, wait_until="commit")
+    deadline = time.monotonic() + wait
+    note, ready_since = "page loading", None
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+        state = page.evaluate(script) or {}
+        note = state.get("note", note)
+        if not state.get("ready"):
+            ready_since = None
+        elif ready_since is None:
+            ready_since = time.monotonic()
+        elif time.monotonic() - ready_since >= settle:  # animations and late redraws
+            return page.screenshot(type="png"), note, True
+    return page.screenshot(type="png"), note, False
 
 
 def glob_regex(pattern: str) -> str:
@@ -581,7 +440,7 @@ def write_png(path: Path, data: bytes) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Screenshot each TensorBoard dashboard of a vit-train run folder "
-        "(headless Chromium)."
+        "(headless Chromium, driven by Playwright)."
     )
     p.add_argument("run_dir", type=Path, help="run folder holding the TensorBoard event files")
     p.add_argument(
@@ -662,6 +521,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sys.exit(INSTALL_HINT)
     chromium = find_chromium(args.chromium)
     args.out.mkdir(parents=True, exist_ok=True)
     options = {
@@ -677,15 +541,27 @@ def main(argv=None) -> int:
     started = time.monotonic()
     failures = 0
     with tempfile.TemporaryDirectory(prefix="tensorboard-shots-") as tmp:
-        workdir = Path(tmp)
         port = args.port or free_port()
-        with tensorboard(args.run_dir.resolve(), port, args.wait, workdir / "tensorboard.log") as (
-            base,
-            plugins,
+        log = Path(tmp) / "tensorboard.log"
+        with (
+            tensorboard(args.run_dir.resolve(), port, args.wait, log) as (base, plugins),
+            sync_playwright() as playwright,
         ):
             print(f"TensorBoard on {base} ({time.monotonic() - started:.1f} s)")
-            browser = Browser(chromium, args.width, args.height, workdir)
             try:
+                browser = playwright.chromium.launch(
+                    executable_path=chromium,
+                    args=["--disable-gpu", "--hide-scrollbars", "--force-color-profile=srgb"],
+                )
+            except PlaywrightError as error:
+                raise RuntimeError(f"Chromium ({chromium}) did not start: {error}") from None
+            try:
+                context = browser.new_context(
+                    viewport={"width": args.width, "height": args.height},
+                    device_scale_factor=1,
+                    locale="en-US",
+                )
+                context.add_init_script(before_load)
                 for tab in args.tabs:
                     t0 = time.monotonic()
                     has_data = any(
@@ -697,9 +573,11 @@ def main(argv=None) -> int:
                     body = (JS_TABS[tab] if has_data else JS_EMPTY).strip()
                     script = f"(() => {{{prelude}\nreturn {body};\n}})()"
                     url = tab_url(base, tab, args.tag_filter, args.smoothing)
-                    png, note, ok = capture(
-                        browser, url, before_load, script, args.wait, args.settle
-                    )
+                    page = context.new_page()  # a fresh page: the scripts keep state in it
+                    try:
+                        png, note, ok = capture(page, url, script, args.wait, args.settle)
+                    finally:
+                        page.close()
                     path = args.out / f"tensorboard_{tab}.png"
                     write_png(path, png)
                     status = "ok" if ok else f"NOT READY after {args.wait:.0f} s"
@@ -709,8 +587,10 @@ def main(argv=None) -> int:
                         f"({path.stat().st_size // 1024} KiB, {time.monotonic() - t0:.1f} s)"
                     )
                     failures += not ok
+            except PlaywrightError as error:  # a page script failed, or Chromium went away
+                raise RuntimeError(f"Chromium: {error}") from None
             finally:
-                browser.quit()
+                browser.close()
     print(f"done in {time.monotonic() - started:.1f} s")
     return 1 if failures else 0
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
+from vit_cli.checkpoint import load_checkpoint
 from vit_cli.composition import register_configs
 from vit_cli.config import TrainConfig
 
@@ -56,20 +59,109 @@ def _vit_train_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "vit_cli.train"]
 
 
+# A tiny run takes seconds here; the deadlines leave room for a loaded CI host, and turn a
+# run that hangs into a failure that shows its output rather than a stalled suite.
+RUN_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 120.0
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and everything it started (torchrun's workers, submitit's tasks)."""
+    # Until `proc` is reaped its pid, which names the group, cannot be another's.
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def finish(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> tuple[str, str]:
+    """`proc`'s stdout and stderr once it has exited; fails the test if it is still running
+    after `timeout` seconds."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+    _, stderr = proc.communicate(timeout=STOP_TIMEOUT_S)
+    pytest.fail(
+        f"{' '.join(map(str, proc.args))} was still running after {timeout:.0f} s; "
+        f"the end of its stderr:\n{stderr[-3000:]}"
+    )
+
+
+def run_command(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """Run `command` in `cwd` to its end, capturing its output, in a process group of its
+    own: past `timeout` seconds the whole group is killed (subprocess.run's timeout kills
+    the first process only, and a torchrun worker left behind would hold the pipes open)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    stdout, stderr = finish(proc, timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start a command in `cwd` in a process group of its own, to signal while it runs; the
+    group is killed when the test ends, passed or failed."""
+    procs: list[subprocess.Popen] = []
+
+    def _start(
+        command: list[str], cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield _start
+    for proc in procs:
+        _kill_group(proc)
+        proc.communicate(timeout=STOP_TIMEOUT_S)
+
+
+def wait_for_checkpoint(
+    path: Path, proc: subprocess.Popen, step: int = 1, timeout: float = RUN_TIMEOUT_S
+) -> dict:
+    """Wait until the running `proc` has written the checkpoint `path` at optimizer step
+    `step` or later, and return its `state`.
+
+    The trigger for a signal sent in the middle of a run: it then lands after that step
+    however slow the host, and before the run's end however fast, when the run has many
+    steps left. A checkpoint is renamed into place whole, so a reader never sees half of one.
+    """
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _, stderr = proc.communicate(timeout=STOP_TIMEOUT_S)
+            pytest.fail(
+                f"the run exited ({proc.returncode}) before {path} was at step {step}; "
+                f"the end of its stderr:\n{stderr[-3000:]}"
+            )
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            stat = None
+        if stat is not None and (stat.st_ino, stat.st_mtime_ns) != seen:
+            seen = (stat.st_ino, stat.st_mtime_ns)
+            state = load_checkpoint(path)["state"]
+            if state["step"] >= step:
+                return state
+        time.sleep(0.01)
+    pytest.fail(f"{path} was not at step {step} within {timeout:.0f} s")
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """Run `vit-train` in `tmp_path` (so outputs/ lands there) and capture its output."""
 
-    def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def _run(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
         env = {**os.environ, "COLUMNS": "200"}
         env.pop("HYDRA_FULL_ERROR", None)
-        return subprocess.run(
-            [*_vit_train_command(), *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_command([*_vit_train_command(), *args], tmp_path, env, timeout)
 
     return _run

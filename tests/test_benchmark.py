@@ -1,6 +1,6 @@
 """The benchmarks: their shared timing procedure (benchmarks/timing.py), and every script
-run end to end as users run it (`python benchmarks/NAME.py ...`), throughput.py writing a
-complete, sensible JSON report."""
+run end to end as users run it (`python benchmarks/NAME.py ...`), the ones with `--json`
+writing a complete, sensible report."""
 
 from __future__ import annotations
 
@@ -20,7 +20,16 @@ from tests.test_mnist import write_family
 from vit_cli.models.vit import VisionTransformer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPT = BENCHMARKS / "throughput.py"
+# The scripts of one model's speed, split by what they measure, and their options.
+SPLIT_SCRIPTS = (
+    "throughput.py",
+    "naive_attention.py",
+    "profile_steps.py",
+    "data_parallel.py",
+    "whole_runs.py",
+)
+# Seconds a script may run before the test fails, instead of stalling CI on a hang.
+TIMEOUT_S = 300
 
 # A two-block ViT at 32 px, a few steps of each kind: seconds, not minutes.
 TINY_RUN = [
@@ -37,7 +46,6 @@ TINY_RUN = [
     "--matmul-size=128",
     "--num-classes=10",
     "--timm-model=vit_tiny_patch16_224",
-    "--naive-attention",
     "--device=cpu",
 ]
 
@@ -53,16 +61,17 @@ def run_script(tmp_path: Path, name: str, *args: str) -> str:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-def run_throughput(tmp_path: Path, *args: str) -> tuple[str, dict]:
-    """Run throughput.py with `args`; returns what it printed and the JSON it wrote."""
+def run_with_json(tmp_path: Path, name: str, *args: str) -> tuple[str, dict]:
+    """Run benchmarks/`name` with `args` and `--json`; returns what it printed and the JSON
+    it wrote."""
     out = tmp_path / "bench.json"
-    stdout = run_script(tmp_path, "throughput.py", *args, f"--json={out}")
+    stdout = run_script(tmp_path, name, *args, f"--json={out}")
     return stdout, json.loads(out.read_text())
 
 
@@ -169,20 +178,27 @@ def test_matmul_rate_and_host_description_are_sensible(benchmarks):
 # ----------------------------------------------------------------------------- the scripts
 
 
+@pytest.mark.parametrize("name", SPLIT_SCRIPTS)
+def test_every_script_explains_itself_with_help_and_its_own_examples(name, benchmarks, capsys):
+    script = benchmarks(name.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    assert f"python benchmarks/{name}" in shown and "--json" in shown
+
+
 @pytest.mark.slow
-def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_path):
-    stdout, report = run_throughput(tmp_path, *TINY_RUN, "--profile=3")
+def test_throughput_script_writes_finite_positive_figures_for_ours_and_timm(tmp_path):
+    stdout, report = run_with_json(tmp_path, "throughput.py", *TINY_RUN)
     assert "train img/s" in stdout
-    for phase in ("train", "infer"):  # the top ops of each model
-        assert f"profile: ours (vit), {phase}" in stdout and "aten::" in stdout
 
     assert report["meta"]["batch_size"] == 2
     assert report["meta"]["img_size"] == 32
     assert all(_positive(peak) for peak in report["meta"]["matmul"]["tflop_per_s"].values())
 
     has_timm = importlib.util.find_spec("timm") is not None
-    expected = {"ours", "naive"} | ({"timm"} if has_timm else set())
-    assert set(report["models"]) == expected
+    assert set(report["models"]) == {"ours"} | ({"timm"} if has_timm else set())
     for key, model in report["models"].items():
         assert _positive(model["forward_gflop_per_img"]), key
         for phase in ("train", "infer"):
@@ -192,31 +208,61 @@ def test_throughput_script_writes_finite_positive_figures_for_every_model(tmp_pa
             assert len(figures["img_per_s_windows"]) == 2
             assert figures["peak_mem_mib"] > 0  # a step allocates activations
         assert math.isfinite(model["train"]["last_loss"])
-        if has_timm and key != "timm":
-            for phase in ("train", "infer"):
-                assert all(_positive(r) for r in model["vs_timm"][phase].values())
+    if has_timm:
+        vs_timm = report["models"]["ours"]["vs_timm"]
+        assert all(_positive(r) for phase in ("train", "infer") for r in vs_timm[phase].values())
 
-    # Same weights, same maths: the naive-attention copy counts the same FLOPs as ours.
+
+@pytest.mark.slow
+def test_naive_attention_script_compares_the_same_weights_with_the_attention_written_out(
+    tmp_path,
+):
+    args = [arg for arg in TINY_RUN if not arg.startswith("--timm-model")]
+    stdout, report = run_with_json(tmp_path, "naive_attention.py", *args)
+    assert "ours, naive attention" in stdout and "train vs naive" in stdout
+
+    assert set(report["models"]) == {"ours", "naive"}
     ours, naive = report["models"]["ours"], report["models"]["naive"]
+    for phase in ("train", "infer"):
+        assert _positive(naive[phase]["img_per_s"]) and _positive(ours[phase]["img_per_s"])
+        assert all(_positive(r) for r in ours["vs_naive"][phase].values())
+    # Same weights, same maths: the naive-attention copy counts the same FLOPs as ours.
     assert naive["forward_gflop_per_img"] == pytest.approx(ours["forward_gflop_per_img"])
     assert naive["params"] == ours["params"]
 
 
 def test_naive_attention_computes_the_same_outputs_as_fused_attention(benchmarks):
-    throughput = benchmarks("throughput")
+    script = benchmarks("naive_attention")
     torch.manual_seed(0)
     ours = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4).eval()
-    naive = throughput.with_naive_attention(ours).eval()
-    assert all(type(block.attn) is throughput.NaiveAttention for block in naive.blocks)
+    naive = script.with_naive_attention(ours).eval()
+    assert all(type(block.attn) is script.NaiveAttention for block in naive.blocks)
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(naive(x), ours(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_data_parallel_mode_compares_two_processes_with_one_at_the_same_global_batch(tmp_path):
+def test_profile_script_prints_the_top_ops_of_each_model_and_phase(tmp_path):
+    args = [arg for arg in TINY_RUN if not arg.startswith(("--windows", "--steps-", "--matmul"))]
+    stdout, report = run_with_json(tmp_path, "profile_steps.py", *args, "--steps=2", "--top=3")
+    has_timm = importlib.util.find_spec("timm") is not None
+    assert set(report["profiles"]) == {"ours"} | ({"timm"} if has_timm else set())
+    for key, profile in report["profiles"].items():
+        for phase in ("train", "infer"):
+            assert f"profile: {profile['label']}, {phase}" in stdout
+            rows = profile[phase]
+            assert len(rows) == 3 and any(row["op"].startswith("aten::") for row in rows)
+            shares = [row["share"] for row in rows]
+            assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1, (key, phase)
+            assert all(row["ms_per_step"] > 0 for row in rows)
+    assert report["meta"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_data_parallel_script_compares_two_processes_with_one_at_the_same_global_batch(tmp_path):
     args = [*TINY_RUN[:6], "data.batch_size=4", "--warmup=1", "--windows=2", "--steps-per-window=1",
             "--num-classes=10", "--device=cpu", "--nproc=2", "--threads=1", "--rounds=1"]  # fmt: skip
-    stdout, report = run_throughput(tmp_path, *args)
+    stdout, report = run_with_json(tmp_path, "data_parallel.py", *args)
     assert "2 processes / one process" in stdout
     one, ddp = report["setups"]["one"], report["setups"]["ddp"]
     assert (one["processes"], one["threads_per_process"], one["batch_per_process"]) == (1, 2, 4)
@@ -227,12 +273,27 @@ def test_data_parallel_mode_compares_two_processes_with_one_at_the_same_global_b
 
 
 @pytest.mark.slow
-def test_tensorboard_images_mode_prints_pictures_on_against_off(tmp_path):
+def test_whole_runs_script_prints_tensorboard_pictures_on_against_off(tmp_path):
     stdout = run_script(
-        tmp_path, "throughput.py", *TINY, "trainer.epochs=1", "--tensorboard-images", "--rounds=1"
+        tmp_path, "whole_runs.py", *TINY, "trainer.epochs=1", "--tensorboard-images", "--rounds=1"
     )
     assert "pictures on" in stdout and "run wall time (s)" in stdout
     assert "final val top-1 (%)" in stdout and "pictures off / pictures on" in stdout
+
+
+@pytest.mark.slow
+def test_whole_runs_script_runs_each_quoted_setup_after_the_shared_overrides(tmp_path):
+    stdout, report = run_with_json(
+        tmp_path, "whole_runs.py", *TINY, "trainer.epochs=1", "--runs", "", "model.depth=1",
+        "--rounds=1",
+    )  # fmt: skip
+    assert "model.depth=1 / as given" in stdout
+    assert report["setups"] == {"as given": [], "model.depth=1": ["model.depth=1"]}
+    for name in ("as given", "model.depth=1"):
+        (run,) = report["runs"][name]
+        assert _positive(float(run["train_img_per_s"])) and _positive(float(run["wall_s"]))
+        assert 0 <= run["final_acc1"] <= 100
+    assert set(report["summary"]["wall_s"]["ratio"]) == {"model.depth=1"}
 
 
 @pytest.mark.slow
@@ -271,7 +332,7 @@ def test_cpu_fp16_script_prints_every_mode_against_fp32(tmp_path):
 
 @pytest.mark.slow
 def test_curve_script_prints_each_epoch_s_minutes_and_top1_and_draws_them(tmp_path, run_cli):
-    result = run_cli(*TINY, "hydra.run.dir=run")
+    result = run_cli(*TINY, "hydra.run.dir=run", timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     stdout = run_script(tmp_path, "curve.py", "run", "--svg=curve.svg")
     logged = EventAccumulator(str(tmp_path / "run")).Reload().Scalars("val/acc1")
@@ -300,7 +361,7 @@ def test_a_cnn_teacher_trained_by_the_script_distils_a_deit_through_the_teacher_
     result = run_cli(
         "experiment=fashion_mnist_deit", *data, *TINY[1:], "trainer.epochs=1",
         "distill.teacher.arch=resnet18", "distill.teacher.weights=teachers/resnet18.pt",
-        "hydra.run.dir=run",
+        "hydra.run.dir=run", timeout=TIMEOUT_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(tmp_path / "run")).Reload()

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from rich.logging import RichHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY, _vit_train_command
+from tests.conftest import RUN_TIMEOUT_S, TINY, _vit_train_command, finish, wait_for_checkpoint
 from vit_cli.checkpoint import load_checkpoint
 from vit_cli.cli import reported_errors
 from vit_cli.console import log_handler
@@ -62,7 +61,7 @@ def piped_vit_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [*_vit_train_command(), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
 
 
@@ -197,23 +196,19 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(run_cli, tmp_path):
-    args = [*TINY, "trainer.epochs=6", "model.depth=3"]
+def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(run_cli, start, tmp_path):
+    args = [*TINY, "trainer.epochs=3", "model.depth=3"]
     assert run_cli(*args, "hydra.run.dir=full").returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [*_vit_train_command(), *args, f"hydra.run.dir={interrupted}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    while not (interrupted / "last.pt").exists() and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start([*_vit_train_command(), *args, f"hydra.run.dir={interrupted}"], tmp_path)
+    wait_for_checkpoint(interrupted / "last.pt", proc)  # the end of epoch 1
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode == 130, stderr
     assert "Interrupted" in stderr and "trainer.resume=" in stderr
     stopped_at = load_checkpoint(interrupted / "last.pt")["state"]["epoch"]
-    assert 1 <= stopped_at < 6
+    assert 1 <= stopped_at < 3
 
     resumed = run_cli(*args, f"trainer.resume={interrupted / 'last.pt'}", "hydra.run.dir=resumed")
     assert resumed.returncode == 0, resumed.stderr
@@ -223,7 +218,7 @@ def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(run_cli, tmp_pa
     )
     for key in full:
         torch.testing.assert_close(again[key], full[key], rtol=0, atol=0)
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["step"] == 6 * (1437 // 32)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["step"] == 3 * (1437 // 32)
 
 
 @pytest.mark.slow

@@ -4,8 +4,10 @@ from importlib.resources import files
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from vit_cli.config import DataConfig, SwinConfig, TrainConfig, ViTConfig, validate
+from vit_cli.config import DataConfig, TrainConfig, validate
 from vit_cli.errors import UserError
+from vit_cli.models.swin import SwinConfig
+from vit_cli.models.vit import ViTConfig
 
 CONFIG_ROOT = files("vit_cli.configs")
 # Options with mandatory values that have no default.

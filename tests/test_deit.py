@@ -8,10 +8,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import TINY
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
+from vit_cli.components import build_components
 from vit_cli.config import TeacherConfig
 from vit_cli.errors import UserError
+from vit_cli.evaluation import evaluate
 from vit_cli.losses import DistillationLoss, hard_distillation_loss, soft_distillation_loss
-from vit_cli.models.deit import BothHeads, DistilledVisionTransformer
+from vit_cli.models.deit import DistilledVisionTransformer
+from vit_cli.precision import resolve_precision
+from vit_cli.runtime import Runtime
 from vit_cli.teacher import build_teacher
 
 
@@ -39,14 +43,68 @@ def test_forward_returns_the_average_of_the_two_heads_in_train_and_eval_mode(mod
     assert not torch.allclose(cls_logits, dist_logits)  # two distinct heads
 
 
-def test_both_heads_view_returns_forward_heads_and_shares_the_parameters():
+def test_with_both_heads_on_forward_returns_each_heads_logits_and_the_prediction_stays():
     torch.manual_seed(0)
     model = small_deit().eval()
     x = torch.randn(3, 1, 16, 16)
-    view = BothHeads(model)
-    for a, b in zip(view(x), model.forward_heads(x), strict=True):
+    prediction = model(x)
+    model.set_both_heads(True)
+    for a, b in zip(model(x), model.forward_heads(x), strict=True):
         torch.testing.assert_close(a, b)
-    assert [id(p) for p in view.parameters()] == [id(p) for p in model.parameters()]
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), prediction)
+    model.set_both_heads(False)
+    torch.testing.assert_close(model(x), prediction)
+
+
+def test_the_run_turns_both_heads_on_before_ddp_wraps_the_student(compose_cfg, monkeypatch):
+    cfg = compose_cfg(
+        "model=deit", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+        "trainer.ema.decay=0.9", "data=fake", "data.train_size=32", "data.val_size=8",
+    )  # fmt: skip
+    heads_when_wrapped = []
+
+    def wrap(self, module):
+        heads_when_wrapped.append(module.both_heads)
+        return module
+
+    monkeypatch.setattr(Runtime, "wrap", wrap)  # a frozen dataclass: patched on the class
+    c = build_components(cfg, Runtime(torch.device("cpu")))
+    assert heads_when_wrapped == [True]
+    assert c.training.model is c.model and c.eval_model is c.model
+    assert c.ema_eval_model.both_heads  # the weight average is scored head by head too
+
+
+def test_val_of_a_student_with_both_heads_on_scores_each_head_and_their_average():
+    torch.manual_seed(0)
+    model = small_deit()
+    images, targets = torch.randn(12, 1, 16, 16), torch.arange(12) % 10
+    loader = [(images[:8], targets[:8]), (images[8:], targets[8:])]
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    prediction = evaluate(model, loader, precision, torch.device("cpu"))
+    assert "acc1_cls" not in prediction
+    model.set_both_heads(True)
+    both = evaluate(model, loader, precision, torch.device("cpu"))
+    assert both["acc1"] == prediction["acc1"] and both["loss"] == pytest.approx(prediction["loss"])
+    cls_logits, dist_logits = model.eval().forward_heads(images)
+    for key, logits in (("acc1_cls", cls_logits), ("acc1_dist", dist_logits)):
+        assert both[key] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean())
+
+
+def test_a_process_without_val_batches_still_reports_the_heads():
+    torch.manual_seed(0)
+    model = small_deit()
+    model.set_both_heads(True)
+    loader = [(torch.randn(4, 1, 16, 16), torch.arange(4))]
+    precision, cpu = resolve_precision("fp32", torch.device("cpu")), torch.device("cpu")
+    sent = []  # what the process that scored the batch adds to the sums
+
+    def keep(sums: torch.Tensor) -> torch.Tensor:
+        sent.append(sums.clone())
+        return sums
+
+    scored = evaluate(model, loader, precision, cpu, reduce=keep)
+    idle = evaluate(model, [], precision, cpu, reduce=lambda sums: sums + sent[0])
+    assert idle == scored and "acc1_dist" in idle
 
 
 def test_position_embedding_covers_cls_dist_and_patches():

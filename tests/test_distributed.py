@@ -16,7 +16,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY, _vit_train_command
+from tests.conftest import (
+    RUN_TIMEOUT_S,
+    TINY,
+    _vit_train_command,
+    finish,
+    run_command,
+    wait_for_checkpoint,
+)
 from vit_cli.checkpoint import load_checkpoint
 from vit_cli.eval_cli import main as eval_main
 
@@ -43,11 +50,10 @@ def env() -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
-    )
+def run(
+    command: list[str], cwd: Path, timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    return run_command(command, cwd, env(), timeout)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -89,27 +95,19 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path):
     assert events.Scalars("val/acc1")[-1].value == pytest.approx(report["acc1"])
 
 
-def _wait_for(path: Path, proc: subprocess.Popen) -> None:
-    while not path.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before writing " + str(path)
-
-
-def test_ctrl_c_then_resume_in_two_processes_ends_where_the_uninterrupted_run_ends(tmp_path):
+def test_ctrl_c_then_resume_in_two_processes_ends_where_the_uninterrupted_run_ends(start, tmp_path):
     # Shift augmentation and drop path on: each process's random state must resume too.
     args = [*TINY, "trainer.epochs=3", "data.shift=1", "model.drop_path_rate=0.1"]
     full = run(torchrun(2, *args, "hydra.run.dir=full", no_python=True), tmp_path)
     assert full.returncode == 0, full.stderr
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        torchrun(2, *args, f"hydra.run.dir={interrupted}", no_python=True),
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    _wait_for(interrupted / "last.pt", proc)
+    proc = start(
+        torchrun(2, *args, f"hydra.run.dir={interrupted}", no_python=True), tmp_path, env()
+    )
+    wait_for_checkpoint(interrupted / "last.pt", proc)  # the end of epoch 1 of 3
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode != 0
     assert "vit-train (rank 0 of 2): Interrupted. Continue with trainer.resume=" in stderr
     assert "(rank 1 of 2): Interrupted" not in stderr  # one hint, from the main process
@@ -155,15 +153,12 @@ def _child_with_rank(parent: int, rank: int) -> int:
     raise LookupError(f"no rank {rank} under {parent}")
 
 
-def test_a_process_that_dies_takes_the_job_down(tmp_path):
-    proc = subprocess.Popen(
-        torchrun(2, *TINY, "trainer.epochs=50", "hydra.run.dir=run"),
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    _wait_for(tmp_path / "run" / "last.pt", proc)
+def test_a_process_that_dies_takes_the_job_down(start, tmp_path):
+    proc = start(torchrun(2, *TINY, "trainer.epochs=50", "hydra.run.dir=run"), tmp_path, env())
+    wait_for_checkpoint(tmp_path / "run" / "last.pt", proc)
     os.kill(_child_with_rank(proc.pid, 1), signal.SIGKILL)
     started = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode != 0
     assert time.monotonic() - started < 60
     assert "exitcode" in stderr and "-9" in stderr  # torchrun names the process that died
@@ -176,36 +171,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_hung_process_stops_the_others_with_a_message_after_the_timeout(tmp_path):
+def test_a_hung_process_stops_the_others_with_a_message_after_the_timeout(start, tmp_path):
     """Two processes started by hand with torch.distributed's variables (as srun would)."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                [
-                    *_vit_train_command(),
-                    *TINY,
-                    "trainer.epochs=50",
-                    "trainer.dist_timeout_s=5",
-                    "hydra.run.dir=run",
-                ],
-                cwd=tmp_path,
-                env={**env(), **variables},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-        )
-    try:
-        _wait_for(tmp_path / "run" / "last.pt", procs[0])
-        procs[1].send_signal(signal.SIGSTOP)
-        _, stderr = procs[0].communicate(timeout=120)
-    finally:
-        procs[1].kill()
-        procs[1].communicate()
+        command = [*_vit_train_command(), *TINY, "trainer.epochs=50", "trainer.dist_timeout_s=5",
+                   "hydra.run.dir=run"]  # fmt: skip
+        procs.append(start(command, tmp_path, {**env(), **variables}))
+    wait_for_checkpoint(tmp_path / "run" / "last.pt", procs[0])
+    procs[1].send_signal(signal.SIGSTOP)  # the test's end kills it
+    _, stderr = finish(procs[0])
     assert procs[0].returncode == 2, stderr
     assert "vit-train (rank 0 of 2): error: Process rank 0 of 2 lost contact" in stderr
     assert "trainer.dist_timeout_s=5" in stderr and "Traceback" not in stderr

@@ -10,7 +10,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import TINY
 from tests.test_data import corrupt_png, write_cifar_archive, write_pngs
 from vit_cli.checkpoint import load_checkpoint
-from vit_cli.config import DeiTConfig, SwinConfig, ViTConfig, validate
+from vit_cli.config import validate
+from vit_cli.models.deit import DeiTConfig
+from vit_cli.models.swin import SwinConfig
+from vit_cli.models.vit import ViTConfig
 
 PRESETS = sorted(
     p.name.removesuffix(".yaml")

@@ -24,8 +24,9 @@ from vit_cli.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from vit_cli.composition import compose_train_config
 from vit_cli.errors import UserError
 from vit_cli.export import TOLERANCES, export_checkpoint
-from vit_cli.inference import load_model, model_of, read_for_inference
+from vit_cli.inference import load_model, read_for_inference
 from vit_cli.models import build_model
+from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.models.swin import SwinTransformerBlock
 
 # Tiny models of each family. The Swin one keeps the digits preset's 16 px, 2 px patches and
@@ -103,7 +104,7 @@ def test_each_family_exports_the_eager_logits_at_batch_1_and_7(
     assert result.max_abs_diff <= TOLERANCES[format] == result.tolerance
     assert result.batches == (1, 7)
 
-    model = model_of(read_for_inference(checkpoints[family]), family)
+    model = model_from_checkpoint(read_for_inference(checkpoints[family]), family)
     if family == "swin":  # the export covers shifted windows and their masks
         shifted = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
         assert any(b.shift_size > 0 and b.attn_mask is not None for b in shifted)
@@ -129,8 +130,10 @@ def test_ema_exports_the_weight_average_under_its_own_name(tmp_path):
     images = torch.randn(7, 1, IMG_SIZE, IMG_SIZE)
     with torch.no_grad():
         got = load_exported("torchscript", result.path)(images)
-        torch.testing.assert_close(got, model_of(ckpt, "best", ema=True)(images), rtol=0, atol=1e-5)
-        assert not torch.allclose(got, model_of(ckpt, "best")(images), atol=1e-3)
+        torch.testing.assert_close(
+            got, model_from_checkpoint(ckpt, "best", ema=True)(images), rtol=0, atol=1e-5
+        )
+        assert not torch.allclose(got, model_from_checkpoint(ckpt, "best")(images), atol=1e-3)
     spec = json.loads((tmp_path / "best_ema.preprocessing.json").read_text())
     assert spec["model"]["weights"] == "ema"
 
@@ -146,7 +149,7 @@ def test_onnx_weights_above_the_limit_go_to_a_data_file_beside_the_model(
         "vit.onnx", "vit.onnx.data", "vit.preprocessing.json"
     ]  # fmt: skip
     images = torch.randn(7, 1, IMG_SIZE, IMG_SIZE)
-    expected = model_of(read_for_inference(checkpoints["vit"]), "vit")(images).detach()
+    expected = model_from_checkpoint(read_for_inference(checkpoints["vit"]), "vit")(images).detach()
     got = load_exported("onnx", output)(images)  # reads its weights from the renamed file
     torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCES["onnx"])
 
@@ -251,7 +254,9 @@ def test_the_onnx_packages_stay_optional():
         "import sys, vit_cli.export, vit_cli.export_cli, vit_cli.inference\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert not {m.split(".")[0] for m in result.stdout.split()} & set(export.ONNX_PACKAGES)
     package = Path(vit_cli.__file__).parent

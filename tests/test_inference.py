@@ -376,7 +376,9 @@ def test_load_model_imports_neither_the_training_stack_nor_tensorboard(small_che
         f"model, transform, names = vit_cli.load_model({str(small_checkpoint)!r})\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     assert "vit_cli.inference" in loaded

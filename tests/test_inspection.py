@@ -15,7 +15,7 @@ from vit_cli.data import build_data
 from vit_cli.figures import confusion_matrix_image, image_grid
 from vit_cli.inspection import Pictures, ValSnapshot, confusion_table, model_summary
 from vit_cli.models.vit import VisionTransformer
-from vit_cli.trainer import _leading_hparams
+from vit_cli.report import leading_hparams
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 
@@ -100,7 +100,7 @@ def test_leading_hparams_take_overrides_then_core_and_group_choices():
         "trainer.epochs": 3, "seed": 0,
     }  # fmt: skip
     overrides = ["optimizer.lr=1e-3", "model=deit_small", "hydra.run.dir=x", "+seed=0"]
-    ordered, leading = _leading_hparams(hparams, overrides, img_size=16)
+    ordered, leading = leading_hparams(hparams, overrides, img_size=16)
     assert leading == ["optimizer.lr", "model", "seed"]
     assert list(ordered)[:3] == leading and ordered["model"] == "deit_small"
     assert list(ordered)[3:11] == sorted(k for k in ordered if k.startswith("core."))

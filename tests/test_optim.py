@@ -6,7 +6,7 @@ from vit_cli.config import OptimizerConfig, SchedulerConfig, validate
 from vit_cli.errors import UserError
 from vit_cli.models.deit import DistilledVisionTransformer
 from vit_cli.models.swin import SwinTransformer
-from vit_cli.models.vit import VisionTransformer
+from vit_cli.models.vit import VisionTransformer, vit_layer_id
 from vit_cli.optim import (
     build_optimizer,
     build_scheduler,
@@ -14,10 +14,9 @@ from vit_cli.optim import (
     layer_ids,
     lr_factor,
     param_groups,
-    vit_layer_id,
 )
+from vit_cli.resume import RESUME_MUST_MATCH
 from vit_cli.runtime import Runtime
-from vit_cli.trainer import RESUME_MUST_MATCH
 
 VIT_SIZES = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
@@ -390,5 +389,5 @@ def test_the_run_freezes_the_backbone_before_ddp_wraps_the_model(compose_cfg, mo
     monkeypatch.setattr(Runtime, "wrap", wrap)  # a frozen dataclass: patched on the class
     c = build_components(cfg, runtime)
     assert trainable_when_wrapped == ["head.weight", "head.bias"]
-    optimized = {id(p) for g in c.updater.optimizer.param_groups for p in g["params"]}
+    optimized = {id(p) for g in c.training.updater.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(c.model.head.weight), id(c.model.head.bias)}

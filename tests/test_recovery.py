@@ -6,34 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY, _vit_train_command
-from tests.test_distributed import _child_with_rank, env, torchrun
+from tests.conftest import TINY, _vit_train_command, finish, wait_for_checkpoint
+from tests.test_distributed import _child_with_rank, env, run, torchrun
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
 # Shift augmentation and drop path on: the random state must resume exactly too.
 ARGS = [*TINY, "trainer.epochs=4", "data.shift=1", "model.drop_path_rate=0.1"]
-
-
-def start(command: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def wait_for(path: Path, proc: subprocess.Popen) -> None:
-    while not path.exists() and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before writing {path}"
+EPOCH = 1437 // 32  # optimizer steps in an epoch of ARGS
 
 
 def assert_same_end(run: Path, reference: Path) -> None:
@@ -51,34 +37,33 @@ def assert_same_end(run: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    result = subprocess.run(
-        [*_vit_train_command(), *ARGS, "hydra.run.dir=run"],
-        cwd=root, env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run([*_vit_train_command(), *ARGS, "hydra.run.dir=run"], root)
     assert result.returncode == 0, result.stderr
     return root / "run"
 
 
 @pytest.mark.parametrize(
-    ("signum", "delay"),
-    [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.15), (signal.SIGUSR1, 0.4)],
-    ids=["sigterm-at-once", "sigterm-later", "sigusr1-later-still"],
+    ("signum", "after_step"),
+    [(signal.SIGTERM, EPOCH), (signal.SIGTERM, 50), (signal.SIGUSR1, 100)],
+    ids=["sigterm-after-epoch-1", "sigterm-mid-epoch-2", "sigusr1-mid-epoch-3"],
 )
 def test_a_stop_signal_then_the_same_command_ends_where_the_uninterrupted_run_ends(
-    signum, delay, uninterrupted, tmp_path
+    signum, after_step, uninterrupted, start, tmp_path
 ):
-    command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto"]
-    proc = start(command, tmp_path)
-    wait_for(tmp_path / "run" / "best.pt", proc)  # a step that is not the first
-    time.sleep(delay)
+    # Checkpoints every 25 steps (and at each epoch's end) show where the run is; the
+    # signal sent on seeing one lands a step or so later, with dozens of steps to go.
+    command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto",
+               "trainer.checkpoint_every_n_steps=25"]  # fmt: skip
+    proc = start(command, tmp_path, env())
+    wait_for_checkpoint(tmp_path / "run" / "last.pt", proc, step=after_step)
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode == 128 + signum, stderr  # 143 for SIGTERM, 138 for SIGUSR1
     assert f"Stopped by {signum.name} after step" in stderr and "trainer.resume=auto" in stderr
     stopped = load_checkpoint(tmp_path / "run" / "last.pt")["state"]
-    assert 0 < stopped["step"] < 4 * (1437 // 32)
+    assert after_step < stopped["step"] < 4 * EPOCH
 
-    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr
     assert (
         f"at epoch {stopped['epoch']}, step {stopped['step']}"
@@ -87,68 +72,60 @@ def test_a_stop_signal_then_the_same_command_ends_where_the_uninterrupted_run_en
     assert_same_end(tmp_path / "run", uninterrupted)
 
 
-def test_sigkill_resumes_from_the_last_step_checkpoint_and_ends_the_same(uninterrupted, tmp_path):
+def test_sigkill_resumes_from_the_last_step_checkpoint_and_ends_the_same(
+    uninterrupted, start, tmp_path
+):
     command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto",
                "trainer.checkpoint_every_n_steps=7"]  # fmt: skip
-    proc = start(command, tmp_path)
-    wait_for(tmp_path / "run" / "best.pt", proc)
-    time.sleep(0.2)
+    proc = start(command, tmp_path, env())
+    # Step 49 is the first step checkpoint in epoch 2: the run is killed in the middle of it.
+    wait_for_checkpoint(tmp_path / "run" / "last.pt", proc, step=49)
     proc.kill()  # SIGKILL: nothing runs after it
-    proc.communicate(timeout=60)
+    finish(proc)
     killed_at = load_checkpoint(tmp_path / "run" / "last.pt")["state"]
     assert killed_at["step"] % 7 == 0 or killed_at["epoch_batches"] == 0
     (tmp_path / "run" / ".last.pt.left-by-a-killed-write.tmp").write_bytes(b"partial")
 
-    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr
     assert not list((tmp_path / "run").glob(".*.tmp"))
     assert_same_end(tmp_path / "run", uninterrupted)
 
 
-def test_sigterm_to_one_process_of_two_stops_both_and_the_same_command_ends_the_same(tmp_path):
+def test_sigterm_to_one_process_of_two_stops_both_and_the_same_command_ends_the_same(
+    start, tmp_path
+):
     args = [*ARGS, "trainer.epochs=3"]
-    full = subprocess.run(
-        torchrun(2, *args, "hydra.run.dir=full"), cwd=tmp_path, env=env(), capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+    full = run(torchrun(2, *args, "hydra.run.dir=full"), tmp_path)
     assert full.returncode == 0, full.stderr
 
     command = torchrun(2, *args, "hydra.run.dir=run", "trainer.resume=auto")
-    proc = start(command, tmp_path)
-    wait_for(tmp_path / "run" / "best.pt", proc)
+    proc = start(command, tmp_path, env())
+    wait_for_checkpoint(tmp_path / "run" / "best.pt", proc)  # the end of epoch 1 of 3
     os.kill(_child_with_rank(proc.pid, 1), signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode != 0
     assert "vit-train (rank 0 of 2): Stopped by SIGTERM after step" in stderr
     assert 0 < load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] < 3 * (1437 // 64)
 
-    again = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr
     assert_same_end(tmp_path / "run", tmp_path / "full")
 
 
 def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(tmp_path):
-    first = subprocess.run(
-        [*_vit_train_command(), *TINY, "trainer.epochs=1", "hydra.run.dir=run"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True,
-    )  # fmt: skip
+    first = run([*_vit_train_command(), *TINY, "trainer.epochs=1", "hydra.run.dir=run"], tmp_path)
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
-    second = subprocess.run(
-        [*_vit_train_command(), *TINY, "model.depth=3", "hydra.run.dir=run"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True,
-    )  # fmt: skip
+    second = run([*_vit_train_command(), *TINY, "model.depth=3", "hydra.run.dir=run"], tmp_path)
     assert second.returncode == 2
     assert "already holds" in second.stderr and "trainer.resume=auto" in second.stderr
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before  # config, log, events and checkpoints untouched
 
     (tmp_path / "a_file").write_text("x")
-    third = subprocess.run(
-        [*_vit_train_command(), *TINY, "hydra.run.dir=a_file"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True,
-    )  # fmt: skip
+    third = run([*_vit_train_command(), *TINY, "hydra.run.dir=a_file"], tmp_path)
     assert third.returncode == 2 and "is a file" in third.stderr
     assert "Traceback" not in second.stderr + third.stderr
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 
 import pytest
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
+from tests.conftest import RUN_TIMEOUT_S
 from vit_cli.launch import hydra_overrides_for_this_process
 from vit_cli.runtime import EpochSampler, Runtime, ShardSampler, resolve_device
 
@@ -121,10 +123,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _in_two_processes(fn, tmp_path) -> list[object]:
-    """Run fn(runtime) in 2 gloo processes; returns each one's result (or fails with its trace)."""
+def _in_two_processes(fn, tmp_path, timeout: float = RUN_TIMEOUT_S) -> list[object]:
+    """Run fn(runtime) in 2 gloo processes; returns each one's result (or fails with its trace).
+    Processes still running after `timeout` seconds (one waiting on a collective the other
+    never joins) are killed, and the test fails."""
     port = _free_port()
-    mp.spawn(_worker, args=(fn, port, str(tmp_path)), nprocs=2, join=True)
+    context = mp.start_processes(
+        _worker, args=(fn, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"{fn.__name__} in 2 processes was still running after {timeout:.0f} s")
     return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -195,11 +208,12 @@ def _nan_in_one_process(runtime: Runtime) -> dict:
     """Three epochs-worth of steps on digits where rank 1's loss is NaN on its 3rd batch."""
     from vit_cli.config import DataConfig
     from vit_cli.data import build_data
-    from vit_cli.loop import LoopSettings, TrainState, Updater, epoch_train_figures, train_one_epoch
+    from vit_cli.loop import LoopSettings, Training, Updater, train_one_epoch
     from vit_cli.losses import ClassificationLoss
     from vit_cli.models.vit import VisionTransformer
     from vit_cli.precision import resolve_precision
     from vit_cli.sinks import Sinks
+    from vit_cli.train_state import TrainState
 
     torch.manual_seed(0)
     model = VisionTransformer(
@@ -223,12 +237,11 @@ def _nan_in_one_process(runtime: Runtime) -> dict:
 
     state = TrainState()
     updater = Updater(model, optimizer, scheduler, precision.grad_scaler(), accumulate=2)
-    settings = LoopSettings(epochs=1, max_bad_steps=3, log_every_n_steps=1)
-    train_one_epoch(
-        step_model, data.train_loader, NanOnce(torch.nn.CrossEntropyLoss()), updater, precision,
-        runtime, state, settings, Sinks([]),
-    )  # fmt: skip
-    metrics = epoch_train_figures(state, runtime)
+    settings = LoopSettings(epochs=1, seed=0, max_bad_steps=3, log_every_n_steps=1)
+    loss_fn = NanOnce(torch.nn.CrossEntropyLoss())
+    training = Training(step_model, data, loss_fn, updater, precision, runtime, settings)
+    train_one_epoch(training, state, Sinks([]))
+    metrics = state.train_figures(runtime)
     return {
         "state": state,
         "batches": len(data.train_loader),

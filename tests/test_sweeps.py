@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import optuna
@@ -17,7 +16,14 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from hydra_plugins.vit_cli_optuna.sweeper import search_space, trial_overrides
-from tests.conftest import TINY, _vit_train_command
+from tests.conftest import (
+    RUN_TIMEOUT_S,
+    TINY,
+    _vit_train_command,
+    finish,
+    run_command,
+    wait_for_checkpoint,
+)
 from tests.test_distributed import EXACT, env, run, torchrun
 from tests.test_recovery import ARGS, assert_same_end
 from vit_cli.checkpoint import load_checkpoint
@@ -73,22 +79,21 @@ def test_submitit_local_runs_each_job_of_a_sweep(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
+def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_uninterrupted(start, tmp_path):
     reference = run([*_vit_train_command(), *ARGS, "hydra.run.dir=reference"], tmp_path)
     assert reference.returncode == 0, reference.stderr
 
-    proc = subprocess.Popen(
-        [*_vit_train_command(), "-m", LOCAL, *ARGS, "hydra.sweep.dir=sweep"],
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = start(
+        [*_vit_train_command(), "-m", LOCAL, *ARGS, "hydra.sweep.dir=sweep",
+         "trainer.checkpoint_every_n_steps=50"],
+        tmp_path, env(),
     )  # fmt: skip
     run_dir = tmp_path / "sweep" / "0"
-    while not (run_dir / "best.pt").exists() and proc.poll() is None:
-        time.sleep(0.005)
-    time.sleep(0.2)  # into the second epoch
+    wait_for_checkpoint(run_dir / "last.pt", proc, step=50)  # in the middle of epoch 2 of 4
     # What Slurm sends ahead of a preemption or time limit, and submitit_local ahead of
     # its timeout: submitit's SIGUSR2, to the task.
     os.kill(_submitit_task(proc.pid), signal.SIGUSR2)
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = finish(proc, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, stderr
 
     (task_log,) = (tmp_path / "sweep" / ".submitit").glob("*/*_0_log.err")
@@ -104,12 +109,12 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_uninterrupted(tmp_p
 @pytest.mark.slow
 def test_a_submitit_job_of_two_tasks_trains_with_ddp_as_torchrun_does(tmp_path):
     args = [*EXACT, "trainer.max_steps=20", "data.batch_size=16"]
-    result = subprocess.run(
+    result = run_command(
         [*_vit_train_command(), "-m", LOCAL, "hydra.launcher.tasks_per_node=2", *args,
          "hydra.sweep.dir=sweep"],
+        tmp_path,
         # One thread per process, as torchrun sets: the same sums in the same order.
-        cwd=tmp_path, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300,
+        env={**env(), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     reference = run([*torchrun(2, *args, "hydra.run.dir=torchrun")], tmp_path)

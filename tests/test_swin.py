@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vit_cli.composition import register_configs
-from vit_cli.config import SwinConfig
 from vit_cli.models import build_model
 from vit_cli.models.swin import (
+    SwinConfig,
     SwinTransformer,
     SwinTransformerBlock,
     relative_position_index,

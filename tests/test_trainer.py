@@ -10,12 +10,13 @@ from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.data import build_data
 from vit_cli.errors import UserError
 from vit_cli.evaluation import accuracy_counts, evaluate
-from vit_cli.loop import LoopSettings, TrainState, Updater, train_one_epoch
+from vit_cli.loop import LoopSettings, Training, Updater, train_one_epoch
 from vit_cli.losses import ClassificationLoss
 from vit_cli.models.vit import VisionTransformer
 from vit_cli.precision import resolve_precision
 from vit_cli.runtime import Runtime
 from vit_cli.sinks import Sinks
+from vit_cli.train_state import TrainState
 from vit_cli.trainer import fit
 
 
@@ -76,12 +77,12 @@ def test_non_finite_loss_stops_training_after_max_bad_steps(compose_cfg):
     precision = resolve_precision("fp32", torch.device("cpu"))
     state = TrainState()
     updater = Updater(model, optimizer, scheduler, precision.grad_scaler())
-    settings = LoopSettings(epochs=2, max_bad_steps=3, log_every_n_steps=10)
+    settings = LoopSettings(epochs=2, seed=0, max_bad_steps=3, log_every_n_steps=10)
+    loss_fn = ClassificationLoss(torch.nn.CrossEntropyLoss())
+    runtime = Runtime(torch.device("cpu"))
+    training = Training(model, data, loss_fn, updater, precision, runtime, settings)
     with pytest.raises(UserError, match="for 3 consecutive steps"):
-        train_one_epoch(
-            model, data.train_loader, ClassificationLoss(torch.nn.CrossEntropyLoss()), updater,
-            precision, Runtime(torch.device("cpu")), state, settings, Sinks([]),
-        )  # fmt: skip
+        train_one_epoch(training, state, Sinks([]))
     assert state.step == 0
     # No update was applied from a non-finite loss.
     for a, b in zip(before, model.parameters(), strict=True):
@@ -159,7 +160,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_that_key_s_default(
 
 
 def test_a_checkpoint_without_optimizer_state_or_config_cannot_be_resumed(compose_cfg, tmp_path):
-    fit(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "first")
+    fit(compose_cfg(*TINY, "trainer.max_steps=2"), tmp_path / "first")
     ckpt = load_checkpoint(tmp_path / "first" / "last.pt")
     del ckpt["optimizer"]
     save_checkpoint(ckpt, tmp_path / "no_optimizer.pt")

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = ["attention_maps", "create_model", "load_model", "predict"]
 _MODULES = {
     "attention_maps": "attention",
-    "create_model": "pretrained",
+    "create_model": "models.factory",
     "load_model": "inference",
     "predict": "inference",
 }

@@ -1,6 +1,7 @@
 """Where a model looks: attention maps for ViT and DeiT, Grad-CAM for Swin.
 
-ViT and DeiT read their class token, so where it draws information from is the map:
+Each model names its map (`attention_map`). ViT and DeiT read their class token, so where
+it draws information from is the map ("rollout"):
 - attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL
   2020): each block's head-averaged attention, with the identity added for the residual
   connection and rows renormalised, multiplied from the first block to the last; the class
@@ -9,9 +10,9 @@ ViT and DeiT read their class token, so where it draws information from is the m
 
 Swin has no class token: it averages all tokens, and its attention stays inside local
 windows, so neither map exists for it. The established practice for Swin is Grad-CAM
-(Selvaraju et al., ICCV 2017) on its last feature map, as in pytorch-grad-cam: the map of
-the last block whose feature map is larger than 1x1, weighted per channel by the mean
-gradient of the predicted class's logit.
+(Selvaraju et al., ICCV 2017) on its last feature map, as in pytorch-grad-cam ("grad-cam"):
+the map of the block the model names (`grad_cam_block()`, the last one whose feature map is
+larger than 1x1), weighted per channel by the mean gradient of the predicted class's logit.
 
 The models compute attention with PyTorch's fused kernel, which never forms the weights;
 `recording_attention` switches their explicit-softmax path on for one forward pass, so
@@ -83,9 +84,9 @@ def _scaled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return flat.reshape(*lead, *size)
 
 
-def _vit_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
+def _rollout_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     with recording_attention(model) as layers:
-        logits = model(images)
+        logits = _prediction(model, images)
         weights = [layer.weights for layer in layers]
     prefix = model.num_prefix_tokens
     grid = model.patch_embed.grid_size
@@ -101,24 +102,14 @@ def _vit_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     )
 
 
-def _grad_cam_layer(model: nn.Module) -> nn.Module:
-    """The last Swin block whose feature map is larger than 1x1."""
-    blocks = [block for stage in model.layers for block in stage.blocks]
-    for block in reversed(blocks):
-        H, W = block.input_resolution
-        if H * W > 1:
-            return block
-    raise ValueError("Grad-CAM needs a feature map larger than 1x1; the model has none")
-
-
-def _swin_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
-    block = _grad_cam_layer(model)
+def _grad_cam_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
+    block = model.grad_cam_block()
     captured: list[torch.Tensor] = []
     hook = block.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
         with torch.enable_grad():
             # The input takes part in the graph, so that frozen weights still give gradients.
-            logits = model(images.detach().requires_grad_())
+            logits = _prediction(model, images.detach().requires_grad_())
             predicted = logits.argmax(dim=1)
             score = logits.gather(1, predicted[:, None]).sum()
             (features,) = captured  # (B, H*W, C)
@@ -132,28 +123,35 @@ def _swin_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     return AttentionMaps("grad-cam", _scaled(cam.reshape(-1, H, W), size), None, predicted.detach())
 
 
+def _prediction(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The logits the model predicts with (B, K), even while its forward returns both heads
+    of a DeiT student for training."""
+    return model.forward_head(model.forward_features(images))
+
+
 def attention_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     """Where `model` looks in each of `images` (a normalised batch, as the model takes it).
 
-    ViT and DeiT: attention rollout from the class token (`maps`) and the last block's
-    class-token attention per head (`heads`). Swin: Grad-CAM for the predicted class, and
-    no per-head maps. The maps are resized to the images and scaled to [0, 1] per map. The
-    model runs once in eval mode and in fp32; its train/eval mode is restored.
+    The model names its map (`attention_map`). "rollout" (ViT, DeiT): attention rollout from
+    the class token (`maps`) and the last block's class-token attention per head (`heads`).
+    "grad-cam" (Swin): Grad-CAM for the predicted class, and no per-head maps. The maps are
+    resized to the images and scaled to [0, 1] per map. The model runs once in eval mode and
+    in fp32; its train/eval mode is restored.
     """
-    from vit_cli.models.swin import SwinTransformer
-    from vit_cli.models.vit import VisionTransformer
-
+    method = getattr(model, "attention_map", None)
+    if method not in ("rollout", "grad-cam"):
+        raise TypeError(
+            f"attention_maps takes a model that names its attention map (attention_map = "
+            f"'rollout' or 'grad-cam', as vit_cli's ViT, DeiT and Swin do), not "
+            f"{type(model).__name__}"
+        )
     images = images.to(next(model.parameters()).device, torch.float32)
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, SwinTransformer):
-            return _swin_maps(model, images)
-        if isinstance(model, VisionTransformer):
-            with torch.no_grad():
-                return _vit_maps(model, images)
-        raise TypeError(
-            f"attention_maps takes a vit_cli ViT, DeiT or Swin model, not {type(model).__name__}"
-        )
+        if method == "grad-cam":
+            return _grad_cam_maps(model, images)
+        with torch.no_grad():
+            return _rollout_maps(model, images)
     finally:
         model.train(was_training)

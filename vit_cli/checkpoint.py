@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from vit_cli.errors import UserError
-from vit_cli.models import build_model, family
 
 FORMAT_VERSION = 1
 # Prefixes added by DistributedDataParallel and torch.compile wrappers.
@@ -172,23 +171,6 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             + ". Use the model/data settings the checkpoint was trained with."
         )
     unwrap_model(model).load_state_dict(state_dict)
-
-
-def model_from_checkpoint(ckpt: dict, source: str) -> nn.Module:
-    """Rebuild the model a vit-train checkpoint was trained with, and load its weights."""
-    try:
-        model_cfg = dict(ckpt["config"]["model"])
-        data = ckpt["data"]
-        cfg = family(model_cfg["name"]).schema(**model_cfg)
-        img_size, in_chans, num_classes = data["img_size"], data["in_chans"], data["num_classes"]
-    except (KeyError, TypeError) as e:
-        raise UserError(
-            f"Checkpoint {source} lacks the model or data settings needed to rebuild it ({e}). "
-            "It was written by another version of vit-train; retrain or convert it."
-        ) from e
-    model = build_model(cfg, img_size, in_chans, num_classes)
-    load_model_state(model, ckpt["model"], source=source)
-    return model
 
 
 def rng_state() -> dict[str, Any]:

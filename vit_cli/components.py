@@ -2,7 +2,8 @@
 
 Read top to bottom, this is how a `TrainConfig` becomes a run: precision, data, the model
 and the module that steps it (DDP, torch.compile), the loss, the optimizer side, the
-weight average and the teacher. Nothing here trains; `trainer.fit` runs the parts.
+weight average and the teacher. Nothing here trains: `loop.train_one_epoch` runs what
+`Components.training` holds, and `trainer.fit` the rest.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from vit_cli.config import TrainConfig
 from vit_cli.data import DataBundle, build_data, prepare_data
 from vit_cli.ema import ModelEma
 from vit_cli.errors import UserError
-from vit_cli.loop import LoopSettings, Updater
+from vit_cli.loop import LoopSettings, Training, Updater
 from vit_cli.losses import ClassificationLoss, DistillationLoss, SoftTargetCrossEntropy
-from vit_cli.models import build_model, two_heads
-from vit_cli.models.deit import BothHeads
+from vit_cli.models import build_model
 from vit_cli.optim import build_optimizer, build_scheduler, freeze
-from vit_cli.precision import Precision, resolve_precision
+from vit_cli.precision import resolve_precision
 from vit_cli.pretrained import LoadReport, load_pretrained
 from vit_cli.runtime import Runtime
 from vit_cli.teacher import FrozenTeacher, build_teacher
@@ -31,24 +31,17 @@ from vit_cli.teacher import FrozenTeacher, build_teacher
 @dataclass
 class Components:
     model: nn.Module  # the bare model: what checkpoints hold and the weight average follows
-    # What the loop steps and what val scores: the model, or both heads of a DeiT student
-    # (`BothHeads`); the stepped one under DDP with several processes, both compiled with
-    # trainer.compile.
-    step_model: nn.Module
-    eval_model: nn.Module
-    two_heads: bool
+    # What the loop trains with: the stepped module is the model (a DeiT student with both
+    # heads on), under DDP with several processes and compiled with trainer.compile.
+    training: Training
+    eval_model: nn.Module  # what val scores: the stepped module, without DDP
     data: DataBundle
-    generator: torch.Generator  # the data order: re-seeded with seed + epoch every epoch
     img_size: int
     num_params: int
-    precision: Precision
-    loss_fn: ClassificationLoss | DistillationLoss
-    updater: Updater
-    mixer: MixupCutmix | None
     ema: ModelEma | None
     ema_eval_model: nn.Module | None  # the weight average, as `eval_model` views the model
     teacher: FrozenTeacher | None
-    settings: LoopSettings
+    distilling: bool  # a teacher is set and distill.type is not none
     pretrained: LoadReport | None  # what model.pretrained's file gave the model
 
 
@@ -80,10 +73,13 @@ def build_components(
     model.set_grad_checkpointing(cfg.trainer.activation_checkpointing)
     # Before DDP wraps the model: it registers only the parameters that need gradients.
     freeze(model, cfg.trainer.freeze)
-    heads = two_heads(model)
-    forward_module = BothHeads(model) if heads else model
+    # A DeiT student trains and is scored through both heads. Set on the model before DDP
+    # and torch.compile wrap its forward, so that the forward they run returns both too.
+    heads = hasattr(model, "set_both_heads")
+    if heads:
+        model.set_both_heads(True)
     # DDP gives every process rank 0's initial weights here, before anything copies them.
-    step_model = runtime.wrap(forward_module)
+    step_model = runtime.wrap(model)
 
     accumulate = cfg.trainer.accumulate
     steps_per_epoch = len(data.train_loader) // accumulate
@@ -132,41 +128,43 @@ def build_components(
     ema_eval_model = None
     if cfg.trainer.ema.decay is not None:
         ema = ModelEma(model, cfg.trainer.ema.decay, cfg.trainer.ema.warmup)
-        ema_eval_model = BothHeads(ema.module) if heads else ema.module
+        ema_eval_model = ema.module  # a copy of the model: both heads on as well
 
-    eval_model = forward_module
+    eval_model = model
     if cfg.trainer.compile:
         mode = cfg.trainer.compile_mode
-        eval_model = torch.compile(forward_module, mode=mode)
+        eval_model = torch.compile(model, mode=mode)
         # One process steps the module it scores; under DDP the wrapper is compiled, so that
         # the compiler splits the graph at DDP's gradient buckets and keeps their overlap.
-        if step_model is forward_module:
-            step_model = eval_model
-        else:
-            step_model = torch.compile(step_model, mode=mode)
+        step_model = eval_model if step_model is model else torch.compile(step_model, mode=mode)
 
-    return Components(
-        model=model,
-        step_model=step_model,
-        eval_model=eval_model,
-        two_heads=heads,
+    training = Training(
+        model=step_model,
         data=data,
-        generator=generator,
-        img_size=img_size,
-        num_params=sum(p.numel() for p in model.parameters()),
-        precision=precision,
         loss_fn=loss_fn,
         updater=Updater(
             model, optimizer, scheduler, scaler, accumulate, cfg.trainer.grad_clip, ema
         ),
-        mixer=mixer,
-        ema=ema,
-        ema_eval_model=ema_eval_model,
-        teacher=teacher,
+        precision=precision,
+        runtime=runtime,
         settings=LoopSettings(
             epochs=cfg.trainer.epochs,
+            seed=cfg.seed,
             max_bad_steps=cfg.trainer.max_bad_steps,
             log_every_n_steps=cfg.trainer.log_every_n_steps,
         ),
+        mixer=mixer,
+    )
+    return Components(
+        model=model,
+        training=training,
+        eval_model=eval_model,
+        data=data,
+        img_size=img_size,
+        num_params=sum(p.numel() for p in model.parameters()),
+        ema=ema,
+        ema_eval_model=ema_eval_model,
+        teacher=teacher,
+        distilling=teacher is not None and cfg.distill.type != "none",
         pretrained=pretrained,
     )

@@ -1,7 +1,8 @@
 """Hydra composition of vit-train's config: the schemas registered, the YAML composed.
 
-Apart from config.py, which holds the schemas, because the registries it reads (the model
-families, the data sources) import those schemas themselves.
+The schemas live beside what they configure: each model family's in its module
+(vit_cli/models/), each data source's in its module (vit_cli/data/), the rest and their
+base classes in config.py. This module stores them all where the YAML's defaults name them.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from omegaconf import OmegaConf
 
 from vit_cli.config import TrainConfig
 from vit_cli.data import sources
-from vit_cli.models import FAMILIES
+from vit_cli.models import families
 
 
 def register_configs() -> None:
     """Store the schemas that the YAML files in configs/ name in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for name, family in FAMILIES.items():
+    for name, family in families().items():
         cs.store(group="schema/model", name=name, node=family.schema)
     for name, source in sources().items():
         cs.store(group="schema/data", name=name, node=source.schema)

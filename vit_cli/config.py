@@ -1,69 +1,82 @@
-"""Typed schemas for every config group (composition.py registers them in Hydra's ConfigStore).
+"""Typed schemas for the config groups, and the checks of their values.
 
 Composition merges the YAML files in `configs/` into these dataclasses, so a misspelt key
-or a value of the wrong type fails before any work starts, naming the key.
+or a value of the wrong type fails before any work starts, naming the key. Each schema
+checks its own values (`checks()`), and `validate` raises on the first invalid one. Each
+model family's schema extends `ModelConfig` beside its model (`vit_cli/models/`), each data
+source's extends `DataConfig` beside its reader (`vit_cli/data/`); composition.py registers
+them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from omegaconf import MISSING
 
 from vit_cli.errors import UserError
 
+# (key, value, whether it is valid, what it must be); the helpers below make them.
+Check = tuple[str, Any, bool, str]
+
+
+def at_least(key: str, value: Any, low: int) -> Check:
+    return key, value, value >= low, f"at least {low}"
+
+
+def optional_at_least(key: str, value: Any, low: int) -> Check:
+    return key, value, value is None or value >= low, f"null or at least {low}"
+
+
+def positive(key: str, value: Any) -> Check:
+    return key, value, value > 0, "positive"
+
+
+def not_negative(key: str, value: Any) -> Check:
+    return key, value, value >= 0, "0 or more"
+
+
+def share(key: str, value: Any, one_included: bool = False) -> Check:
+    ok = 0.0 <= value <= 1.0 if one_included else 0.0 <= value < 1.0
+    return key, value, ok, "in [0, 1]" if one_included else "in [0, 1)"
+
+
+def one_of(key: str, value: Any, options: tuple[str, ...]) -> Check:
+    return key, value, value in options, f"one of {', '.join(options)}"
+
+
+class Checked(Protocol):
+    def checks(self) -> list[Check]: ...
+
+
+def validate(cfg: Checked) -> None:
+    """Raise a UserError for the first invalid value of `cfg` (a TrainConfig, or a group's
+    schema on its own), naming the key and what it must be."""
+    for key, value, ok, expected in cfg.checks():
+        if not ok:
+            raise UserError(f"{key}={value} is invalid: it must be {expected}.")
+
 
 @dataclass
-class PretrainedWeights:
-    """Where a model's first weights come from (every model family has these keys)."""
+class ModelConfig:
+    """The keys every model family has; a family's schema (in its module under
+    `vit_cli/models/`) adds the keys of its architecture and their checks."""
 
     # A local .pth/.pt/.bin/.safetensors file: timm, official DeiT/Swin, torchvision or a
     # vit-train checkpoint. Positions, windows, classes and channels are adapted to this model.
     pretrained: Optional[str] = None
     # Take the file's weight average (EMA) instead of its raw weights.
     pretrained_ema: bool = False
-
-
-@dataclass
-class ViTConfig(PretrainedWeights):
-    name: str = "vit"
+    name: str = MISSING  # the family, a module of vit_cli/models/
     # None: use the data's native image size; otherwise the data is resized to it.
     img_size: Optional[int] = None
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+
+    def checks(self) -> list[Check]:
+        return [optional_at_least("model.img_size", self.img_size, 1)]
 
 
-@dataclass
-class DeiTConfig(ViTConfig):
-    name: str = "deit"
-    # False: a plain ViT trained with the DeiT recipe (no distillation token).
-    distilled: bool = True
-
-
-@dataclass
-class SwinConfig(PretrainedWeights):
-    name: str = "swin"
-    img_size: Optional[int] = None
-    patch_size: int = 4
-    embed_dim: int = 96
-    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
-    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.2
-    ape: bool = False
-    patch_norm: bool = True
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
 @dataclass
@@ -96,6 +109,28 @@ class AugmentConfig:
     repeats: int = 1
     # Eval of image files: resize to img_size / eval_crop_ratio, then centre-crop img_size.
     eval_crop_ratio: float = 1.0
+
+    def checks(self) -> list[Check]:
+        scale, ratio = self.crop_scale, self.crop_ratio
+        return [
+            *(share(f"data.augment.{key}", getattr(self, key), one_included=True)
+              for key in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob")),
+            ("data.augment.crop_scale", scale,
+             scale is None or (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0),
+             "null or [min, max] with 0 < min <= max <= 1"),
+            ("data.augment.crop_ratio", ratio, len(ratio) == 2 and 0.0 < ratio[0] <= ratio[1],
+             "[min, max] with 0 < min <= max"),
+            one_of("data.augment.auto_augment", self.auto_augment, AUTO_AUGMENTS),
+            not_negative("data.augment.randaugment_ops", self.randaugment_ops),
+            ("data.augment.randaugment_magnitude", self.randaugment_magnitude,
+             0 <= self.randaugment_magnitude <= 30, "in 0..30"),
+            not_negative("data.augment.randaugment_magnitude_std", self.randaugment_magnitude_std),
+            not_negative("data.augment.mixup_alpha", self.mixup_alpha),
+            not_negative("data.augment.cutmix_alpha", self.cutmix_alpha),
+            at_least("data.augment.repeats", self.repeats, 1),
+            ("data.augment.eval_crop_ratio", self.eval_crop_ratio,
+             0.0 < self.eval_crop_ratio <= 1.0, "in (0, 1]"),
+        ]  # fmt: skip
 
 
 @dataclass
@@ -138,7 +173,7 @@ class DataConfig:
             optional_at_least("data.augment_threads", self.augment_threads, 1),
             not_negative("data.shift", self.shift),
             at_least("data.max_image_pixels", self.max_image_pixels, 1),
-            *_augment_checks(self.augment),
+            *self.augment.checks(),
         ]
 
 
@@ -158,12 +193,30 @@ class OptimizerConfig:
     # A multiple of the lr for the head(s) (head, head_dist), e.g. for a new head.
     head_lr_scale: float = 1.0
 
+    def checks(self) -> list[Check]:
+        betas, decay = self.betas, self.layer_decay
+        return [
+            positive("optimizer.lr", self.lr),
+            not_negative("optimizer.weight_decay", self.weight_decay),
+            ("optimizer.betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+             "[beta1, beta2], each in [0, 1)"),
+            positive("optimizer.eps", self.eps),
+            share("optimizer.momentum", self.momentum),
+            ("optimizer.layer_decay", decay, decay is None or 0.0 < decay <= 1.0,
+             "null or in (0, 1]"),
+            positive("optimizer.head_lr_scale", self.head_lr_scale),
+        ]  # fmt: skip
+
 
 @dataclass
 class SchedulerConfig:
     name: str = "cosine"
     warmup_epochs: float = 5.0
+    # The lr the schedule ends at: at most optimizer.lr (TrainConfig checks the two together).
     min_lr: float = 1e-6
+
+    def checks(self) -> list[Check]:
+        return [not_negative("scheduler.warmup_epochs", self.warmup_epochs)]
 
 
 @dataclass
@@ -179,6 +232,10 @@ class EMAConfig:
     # (null: off). Its decay warms up as min(decay, (1 + n) / (10 + n)) after n updates.
     decay: Optional[float] = None
     warmup: bool = True
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FREEZE_CHOICES = ("backbone",)
 
 
 @dataclass
@@ -218,6 +275,27 @@ class TrainerConfig:
     # the job stops with an error, e.g. when one process died or hangs.
     dist_timeout_s: float = 1800.0
 
+    def checks(self) -> list[Check]:
+        ema, clip, freeze = self.ema.decay, self.grad_clip, self.freeze
+        return [
+            at_least("trainer.epochs", self.epochs, 1),
+            optional_at_least("trainer.max_steps", self.max_steps, 1),
+            optional_at_least("trainer.checkpoint_every_n_steps", self.checkpoint_every_n_steps, 1),
+            ("trainer.grad_clip", clip, clip is None or clip >= 0,
+             "null or 0 (no clipping), or a positive norm"),
+            share("trainer.label_smoothing", self.label_smoothing),
+            at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1),
+            optional_at_least("trainer.images_every_n_epochs", self.images_every_n_epochs, 1),
+            at_least("trainer.images_per_grid", self.images_per_grid, 1),
+            at_least("trainer.max_bad_steps", self.max_bad_steps, 1),
+            at_least("trainer.accumulate", self.accumulate, 1),
+            one_of("trainer.compile_mode", self.compile_mode, COMPILE_MODES),
+            ("trainer.freeze", freeze, freeze is None or freeze in FREEZE_CHOICES,
+             f"null or one of {', '.join(FREEZE_CHOICES)}"),
+            ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
+            positive("trainer.dist_timeout_s", self.dist_timeout_s),
+        ]  # fmt: skip
+
 
 @dataclass
 class TeacherConfig:
@@ -240,10 +318,16 @@ class DistillConfig:
     tau: float = 1.0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
+    def checks(self) -> list[Check]:
+        return [
+            share("distill.alpha", self.alpha, one_included=True),
+            positive("distill.tau", self.tau),
+        ]
+
 
 @dataclass
 class TrainConfig:
-    # Each model family has its own schema (ViTConfig, DeiTConfig, SwinConfig), and each data
+    # Each model family has its own schema (a ModelConfig: vit_cli/models/), and each data
     # source its own (a DataConfig: vit_cli/data/), chosen by its YAML.
     model: Any = MISSING
     data: Any = MISSING
@@ -259,163 +343,16 @@ class TrainConfig:
     # "Host settings"). null: on when the device is the CPU, off on a GPU.
     keep_freed_memory: Optional[bool] = None
 
-
-# (key, value, whether it is valid, what it must be); the helpers below make them, for the
-# schemas here and those of the data sources.
-Check = tuple[str, Any, bool, str]
-
-
-def at_least(key: str, value: Any, low: int) -> Check:
-    return key, value, value >= low, f"at least {low}"
-
-
-def optional_at_least(key: str, value: Any, low: int) -> Check:
-    return key, value, value is None or value >= low, f"null or at least {low}"
-
-
-def positive(key: str, value: Any) -> Check:
-    return key, value, value > 0, "positive"
-
-
-def not_negative(key: str, value: Any) -> Check:
-    return key, value, value >= 0, "0 or more"
-
-
-def share(key: str, value: Any, one_included: bool = False) -> Check:
-    ok = 0.0 <= value <= 1.0 if one_included else 0.0 <= value < 1.0
-    return key, value, ok, "in [0, 1]" if one_included else "in [0, 1)"
-
-
-def one_of(key: str, value: Any, options: tuple[str, ...]) -> Check:
-    return key, value, value in options, f"one of {', '.join(options)}"
-
-
-def _raise_first_invalid(checks: list[Check]) -> None:
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise UserError(f"{key}={value} is invalid: it must be {expected}.")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Check every numeric value against its range, naming the key and what it must be."""
-    _raise_first_invalid(
-        [
-            *_model_checks(cfg.model),
-            *cfg.data.checks(),
-            *_optimizer_checks(cfg.optimizer),
-            *_scheduler_checks(cfg.scheduler, cfg.optimizer.lr),
-            *_trainer_checks(cfg.trainer),
-            share("distill.alpha", cfg.distill.alpha, one_included=True),
-            positive("distill.tau", cfg.distill.tau),
+    def checks(self) -> list[Check]:
+        lr, min_lr = self.optimizer.lr, self.scheduler.min_lr
+        return [
+            *self.model.checks(),
+            *self.data.checks(),
+            *self.optimizer.checks(),
+            *self.scheduler.checks(),
+            ("scheduler.min_lr", min_lr, 0.0 <= min_lr <= lr, f"in [0, optimizer.lr={lr:g}]"),
+            *self.trainer.checks(),
+            *self.distill.checks(),
             # NumPy takes seeds below 2**32; each epoch and process adds to it.
-            ("seed", cfg.seed, 0 <= cfg.seed < 2**31, "in 0..2147483647"),
+            ("seed", self.seed, 0 <= self.seed < 2**31, "in 0..2147483647"),
         ]
-    )
-
-
-def validate_data(cfg: DataConfig) -> None:
-    """The data checks of `validate`, for the tools that take a data config alone (vit-eval)."""
-    _raise_first_invalid(cfg.checks())
-
-
-def _model_checks(model: Any) -> list[Check]:
-    checks = [
-        optional_at_least("model.img_size", model.img_size, 1),
-        at_least("model.patch_size", model.patch_size, 1),
-        at_least("model.embed_dim", model.embed_dim, 1),
-        positive("model.mlp_ratio", model.mlp_ratio),
-        share("model.drop_rate", model.drop_rate),
-        share("model.attn_drop_rate", model.attn_drop_rate),
-        share("model.drop_path_rate", model.drop_path_rate),
-    ]
-    if isinstance(model, SwinConfig):
-        depths, heads = model.depths, model.num_heads
-        checks += [
-            ("model.depths", depths, len(depths) >= 1 and min(depths) >= 1,
-             "a list of stage depths, each at least 1"),
-            ("model.num_heads", heads, len(heads) == len(depths) and min(heads, default=0) >= 1,
-             "a list of head counts, each at least 1, one per stage (as model.depths)"),
-            at_least("model.window_size", model.window_size, 1),
-        ]  # fmt: skip
-    else:
-        checks += [
-            at_least("model.depth", model.depth, 1),
-            at_least("model.num_heads", model.num_heads, 1),
-        ]
-    return checks
-
-
-AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
-
-
-def _augment_checks(aug: AugmentConfig) -> list[Check]:
-    scale, ratio = aug.crop_scale, aug.crop_ratio
-    return [
-        *(share(f"data.augment.{key}", getattr(aug, key), one_included=True)
-          for key in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob")),
-        ("data.augment.crop_scale", scale,
-         scale is None or (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0),
-         "null or [min, max] with 0 < min <= max <= 1"),
-        ("data.augment.crop_ratio", ratio, len(ratio) == 2 and 0.0 < ratio[0] <= ratio[1],
-         "[min, max] with 0 < min <= max"),
-        one_of("data.augment.auto_augment", aug.auto_augment, AUTO_AUGMENTS),
-        not_negative("data.augment.randaugment_ops", aug.randaugment_ops),
-        ("data.augment.randaugment_magnitude", aug.randaugment_magnitude,
-         0 <= aug.randaugment_magnitude <= 30, "in 0..30"),
-        not_negative("data.augment.randaugment_magnitude_std", aug.randaugment_magnitude_std),
-        not_negative("data.augment.mixup_alpha", aug.mixup_alpha),
-        not_negative("data.augment.cutmix_alpha", aug.cutmix_alpha),
-        at_least("data.augment.repeats", aug.repeats, 1),
-        ("data.augment.eval_crop_ratio", aug.eval_crop_ratio, 0.0 < aug.eval_crop_ratio <= 1.0,
-         "in (0, 1]"),
-    ]  # fmt: skip
-
-
-def _optimizer_checks(opt: OptimizerConfig) -> list[Check]:
-    betas = opt.betas
-    return [
-        positive("optimizer.lr", opt.lr),
-        not_negative("optimizer.weight_decay", opt.weight_decay),
-        ("optimizer.betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-         "[beta1, beta2], each in [0, 1)"),
-        positive("optimizer.eps", opt.eps),
-        share("optimizer.momentum", opt.momentum),
-        ("optimizer.layer_decay", opt.layer_decay,
-         opt.layer_decay is None or 0.0 < opt.layer_decay <= 1.0, "null or in (0, 1]"),
-        positive("optimizer.head_lr_scale", opt.head_lr_scale),
-    ]  # fmt: skip
-
-
-def _scheduler_checks(sched: SchedulerConfig, lr: float) -> list[Check]:
-    return [
-        not_negative("scheduler.warmup_epochs", sched.warmup_epochs),
-        ("scheduler.min_lr", sched.min_lr, 0.0 <= sched.min_lr <= lr,
-         f"in [0, optimizer.lr={lr:g}]"),
-    ]  # fmt: skip
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-FREEZE_CHOICES = ("backbone",)
-
-
-def _trainer_checks(trainer: TrainerConfig) -> list[Check]:
-    ema = trainer.ema.decay
-    return [
-        at_least("trainer.epochs", trainer.epochs, 1),
-        optional_at_least("trainer.max_steps", trainer.max_steps, 1),
-        optional_at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 1),
-        ("trainer.grad_clip", trainer.grad_clip, trainer.grad_clip is None or trainer.grad_clip >= 0,
-         "null or 0 (no clipping), or a positive norm"),
-        share("trainer.label_smoothing", trainer.label_smoothing),
-        at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
-        optional_at_least("trainer.images_every_n_epochs", trainer.images_every_n_epochs, 1),
-        at_least("trainer.images_per_grid", trainer.images_per_grid, 1),
-        at_least("trainer.max_bad_steps", trainer.max_bad_steps, 1),
-        at_least("trainer.accumulate", trainer.accumulate, 1),
-        one_of("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES),
-        ("trainer.freeze", trainer.freeze,
-         trainer.freeze is None or trainer.freeze in FREEZE_CHOICES,
-         f"null or one of {', '.join(FREEZE_CHOICES)}"),
-        ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
-        positive("trainer.dist_timeout_s", trainer.dist_timeout_s),
-    ]  # fmt: skip

@@ -144,13 +144,12 @@ class Tally:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from vit_cli.config import validate_data
+    from vit_cli.config import validate
     from vit_cli.data import ImageFiles, build_data
     from vit_cli.evaluation import evaluate
     from vit_cli.figures import confusion_matrix_image, save_png
-    from vit_cli.inference import model_of, read_for_inference, trained_precision
-    from vit_cli.models import two_heads
-    from vit_cli.models.deit import BothHeads
+    from vit_cli.inference import read_for_inference, trained_precision
+    from vit_cli.models.factory import model_from_checkpoint
     from vit_cli.runtime import Runtime, resolve_device
 
     path = Path(args.checkpoint).expanduser()
@@ -163,11 +162,14 @@ def run(args: argparse.Namespace) -> dict:
     data_cfg = eval_data_config(saved, data_info, args.overrides)
     if args.batch_size is not None:
         data_cfg.eval_batch_size = args.batch_size
-    validate_data(data_cfg)
+    validate(data_cfg)
     device = resolve_device(args.device)
     choose_freed_memory(args.keep_freed_memory, device.type)
     precision = trained_precision(ckpt, device, args.precision)
-    model = model_of(ckpt, str(path), args.ema).to(device)
+    model = model_from_checkpoint(ckpt, str(path), args.ema).to(device)
+    if hasattr(model, "set_both_heads"):
+        # Scored as vit-train scores val: a DeiT student through both heads, and their average.
+        model.set_both_heads(True)
     data = build_data(
         data_cfg, data_info["img_size"], torch.Generator(), runtime=Runtime(device),
         eval_split=args.split,
@@ -182,10 +184,7 @@ def run(args: argparse.Namespace) -> dict:
 
     tally = Tally(len(class_names))
     start = time.perf_counter()
-    # Scored as vit-train scores val: a DeiT student through both heads, and their average.
-    heads = two_heads(model)
-    scored = BothHeads(model) if heads else model
-    metrics = evaluate(scored, data.val_loader, precision, device, heads, observe=tally)
+    metrics = evaluate(model, data.val_loader, precision, device, observe=tally)
     seconds = time.perf_counter() - start
     images = len(tally.rows)
     per_class_total = tally.confusion.sum(dim=1)

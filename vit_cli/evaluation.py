@@ -38,21 +38,23 @@ def evaluate(
     loader: DataLoader,
     precision: Precision,
     device: torch.device,
-    two_heads: bool = False,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     observe: BatchObserver | None = None,
 ) -> dict[str, float]:
     """Val loss (plain cross-entropy), top-1 and top-5 accuracy in percent.
 
-    `model` returns logits; with `two_heads` it returns a DeiT student's two heads
-    (`BothHeads`), and then `acc1` is that of their average (its prediction), and `acc1_cls`
-    and `acc1_dist` those of each head alone. With several processes, each scores its own
-    share of the val set and `reduce` (`Runtime.sum`) adds up the counts of all of them, so
-    every image counts once. `observe`, when given, sees every batch's images, logits and
-    targets (vit-eval and the TensorBoard pictures build their confusion matrix from them).
+    `model` returns logits, or the two heads' logits of a DeiT student whose both heads are
+    on (`set_both_heads`): then `acc1` is that of their average (its prediction), and
+    `acc1_cls` and `acc1_dist` those of each head alone. With several processes, each
+    scores its own share of the val set and `reduce` (`Runtime.sum`) adds up the counts of
+    all of them, so every image counts once. `observe`, when given, sees every batch's
+    images, logits and targets (vit-eval and the TensorBoard pictures build their confusion
+    matrix from them).
     """
     model.eval()
-    total_loss, count = 0.0, 0
+    # Batches scored head by head are counted, and summed over the processes with the rest,
+    # so that every process reports the heads' figures, one that saw no batch too.
+    total_loss, count, two_head_batches = 0.0, 0, 0
     hits = {"acc1": 0, "acc5": 0, "acc1_cls": 0, "acc1_dist": 0}
     for images, targets in loader:
         if len(targets) == 0:
@@ -63,8 +65,9 @@ def evaluate(
         )
         with precision.autocast():
             outputs = model(images)
-        if two_heads:
+        if isinstance(outputs, tuple):
             cls_logits, dist_logits = outputs
+            two_head_batches += 1
             hits["acc1_cls"] += accuracy_counts(cls_logits, targets, (1,))[0]
             hits["acc1_dist"] += accuracy_counts(dist_logits, targets, (1,))[0]
             outputs = (cls_logits + dist_logits) / 2
@@ -77,11 +80,12 @@ def evaluate(
             observe(images, logits, targets)
         count += len(targets)
     if reduce is not None:
-        totals = reduce(torch.tensor([total_loss, count, *hits.values()], dtype=torch.float64))
-        total_loss, count = float(totals[0]), int(totals[1])
-        hits = {k: int(v) for k, v in zip(hits, totals[2:].tolist(), strict=True)}
+        sums = [total_loss, count, two_head_batches, *hits.values()]
+        totals = reduce(torch.tensor(sums, dtype=torch.float64))
+        total_loss, count, two_head_batches = float(totals[0]), int(totals[1]), int(totals[2])
+        hits = {k: int(v) for k, v in zip(hits, totals[3:].tolist(), strict=True)}
     if count == 0:
         raise UserError("The val data holds no readable images, so there is nothing to score.")
-    if not two_heads:
+    if not two_head_batches:
         del hits["acc1_cls"], hits["acc1_dist"]
     return {"loss": total_loss / count, **{k: 100.0 * v / count for k, v in hits.items()}}

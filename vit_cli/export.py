@@ -33,8 +33,8 @@ from torchvision.transforms import v2
 
 from vit_cli.augment import ToChannels
 from vit_cli.errors import UserError
-from vit_cli.inference import EvalTransform, eval_transform_of, model_of, read_for_inference
-from vit_cli.models import two_heads
+from vit_cli.inference import EvalTransform, eval_transform_of, read_for_inference
+from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.runtime import resolve_device
 
 FORMATS = ("onnx", "torchscript", "exported")
@@ -93,7 +93,7 @@ def export_checkpoint(
         )
     source = Path(path).expanduser()
     ckpt = read_for_inference(source)
-    model = model_of(ckpt, str(source), ema).to(torch_device)
+    model = model_from_checkpoint(ckpt, str(source), ema).to(torch_device)
     output = (
         Path(output).expanduser() if output is not None else default_output(source, format, ema)
     )
@@ -357,7 +357,7 @@ def preprocessing_spec(
     C, S, K = data["in_chans"], data["img_size"], data["num_classes"]
     output = {"name": OUTPUT_NAME, "shape": ["batch", K], "dtype": "float32", "meaning": "logits"}
     output["probabilities"] = "softmax over the last dimension, as vit-predict reports them"
-    if two_heads(model):
+    if hasattr(model, "set_both_heads"):
         output["heads"] = "the mean of the class head's and the distillation head's logits"
     preprocessing = describe_eval_transform(transform)
     # For the record: resize_size is round(img_size / eval_crop_ratio) (augment.image_transform).

@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vit_cli.augment import build_batch_augment, image_transform
-from vit_cli.checkpoint import check_inference_fields, load_checkpoint, model_from_checkpoint
+from vit_cli.checkpoint import check_inference_fields, load_checkpoint
 from vit_cli.config import AugmentConfig, DataConfig
 from vit_cli.data import UNREADABLE, read_image
 from vit_cli.errors import UserError
+from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.precision import Precision, resolve_precision
 from vit_cli.runtime import resolve_device
 
@@ -94,18 +95,6 @@ def eval_transform_of(ckpt: dict) -> EvalTransform:
     )
 
 
-def model_of(ckpt: dict, source: str, ema: bool = False) -> nn.Module:
-    """The checkpoint's model (or its weight average), weights loaded, in eval mode."""
-    if not ema:
-        return model_from_checkpoint(ckpt, source=source).eval()
-    if "ema" not in ckpt:
-        raise UserError(
-            f"Checkpoint {source} holds no weight average; drop --ema, or train with "
-            "trainer.ema.decay=0.9998 to get one."
-        )
-    return model_from_checkpoint({**ckpt, "model": ckpt["ema"]["model"]}, f"{source} (ema)").eval()
-
-
 def read_for_inference(path: str | Path) -> dict:
     """A vit-train checkpoint that holds what inference needs (else a UserError)."""
     ckpt = load_checkpoint(path)
@@ -119,17 +108,14 @@ def trained_precision(ckpt: dict, device: torch.device, name: str | None = None)
     return resolve_precision(name or saved["name"], device, saved.get("allow_tf32", True))
 
 
-def loaded_model(ckpt: dict, source: str, ema: bool, device: torch.device) -> LoadedModel:
-    model = model_of(ckpt, source, ema).to(device)
-    return LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
-
-
 def load_model(path: str | Path, ema: bool = False, device: str = "cpu") -> LoadedModel:
     """Load a vit-train checkpoint for inference: (model in eval mode, transform, class names).
 
     `ema=True` takes the checkpoint's weight average (trainer.ema) instead of its weights.
     """
-    return loaded_model(read_for_inference(path), str(path), ema, resolve_device(device))
+    ckpt = read_for_inference(path)
+    model = model_from_checkpoint(ckpt, str(path), ema).to(resolve_device(device))
+    return LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
 
 
 @torch.inference_mode()

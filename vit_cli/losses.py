@@ -71,7 +71,7 @@ class ClassificationLoss:
 
 
 class DistillationLoss:
-    """The loss of a DeiT student from both heads' logits (`BothHeads`), for logging in parts.
+    """The loss of a DeiT student from both heads' logits (`set_both_heads`), in parts.
 
     `(1 - alpha) * base(class head, labels) + alpha * distillation(dist head)`, where the
     distillation target is the teacher's output on the same augmented batch. With no

@@ -11,77 +11,29 @@ from torch import nn
 
 from vit_cli.config import FREEZE_CHOICES, OptimizerConfig, SchedulerConfig
 from vit_cli.errors import UserError
-from vit_cli.models.swin import SwinTransformer
-from vit_cli.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
-HEADS = ("head.", "head_dist.")  # the classifier(s): DeiT's distillation head too
 
 
-def is_head(name: str) -> bool:
-    return name.startswith(HEADS)
-
-
-def vit_layer_id(name: str, depth: int) -> int:
-    """Layer of a ViT or DeiT parameter for layer-wise lr decay, as in BEiT's fine-tuning.
-
-    0: the embeddings (patches, class and distillation tokens, positions); i + 1: blocks.i;
-    depth + 1: what reads the blocks out (final norm and heads).
-    """
-    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    if name.startswith(("norm.", *HEADS)):
-        return depth + 1
-    raise _no_layer_rule(name, "vit/deit")
-
-
-def swin_layer_id(name: str, depths: list[int]) -> int:
-    """Layer of a Swin parameter for layer-wise lr decay, as in SimMIM's Swin fine-tuning.
-
-    0: patch embedding (and absolute position embedding); 1..sum(depths): the blocks of
-    all stages, counted in order; sum(depths) + 1: final norm and head. A stage's patch
-    merging (`layers.s.downsample`) runs right after that stage's blocks and belongs to the
-    stage, so it takes the layer of the stage's last block.
-    """
-    if name == "absolute_pos_embed" or name.startswith("patch_embed."):
-        return 0
-    parts = name.split(".")
-    if parts[0] == "layers" and len(parts) > 3:
-        stage = int(parts[1])
-        if parts[2] == "blocks":
-            return sum(depths[:stage]) + int(parts[3]) + 1
-        if parts[2] == "downsample":
-            return sum(depths[: stage + 1])
-    if name.startswith(("norm.", *HEADS)):
-        return sum(depths) + 1
-    raise _no_layer_rule(name, "swin")
-
-
-def _no_layer_rule(name: str, family: str) -> UserError:
-    return UserError(
-        f"optimizer.layer_decay has no layer for the {family} parameter {name!r}. Set "
-        "optimizer.layer_decay=null, or add a rule for it to vit_cli/optim.py."
-    )
+def is_head(name: str, model: nn.Module) -> bool:
+    """Whether the parameter `name` belongs to a head the model names (`classifiers`: DeiT's
+    distillation head too)."""
+    return name.split(".")[0] in getattr(model, "classifiers", ())
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Every parameter's layer (0 = embeddings), and the layer L of the final norm and head."""
-    names = [name for name, _ in model.named_parameters()]
-    if isinstance(model, SwinTransformer):
-        depths = [len(stage.blocks) for stage in model.layers]
-        return {name: swin_layer_id(name, depths) for name in names}, sum(depths) + 1
-    if isinstance(model, VisionTransformer):  # DeiT students too
-        depth = len(model.blocks)
-        return {name: vit_layer_id(name, depth) for name in names}, depth + 1
-    raise UserError(
-        f"optimizer.layer_decay supports the vit, deit and swin models, not "
-        f"{type(model).__name__}. Set optimizer.layer_decay=null."
-    )
+    """Every parameter's layer (0 = embeddings), and the layer L of the final norm and head,
+    as the model numbers them (`layer_ids()`, beside each model family)."""
+    if not hasattr(model, "layer_ids"):
+        raise UserError(
+            f"optimizer.layer_decay supports the vit, deit and swin models, not "
+            f"{type(model).__name__}. Set optimizer.layer_decay=null."
+        )
+    ids = model.layer_ids()
+    return ids, max(ids.values())
 
 
 def lr_scales(
@@ -95,7 +47,7 @@ def lr_scales(
     else:
         ids, last = layer_ids(model)
         scales = {name: layer_decay ** (last - layer) for name, layer in ids.items()}
-    return {name: s * head_lr_scale if is_head(name) else s for name, s in scales.items()}
+    return {name: s * head_lr_scale if is_head(name, model) else s for name, s in scales.items()}
 
 
 def param_groups(
@@ -152,13 +104,14 @@ def freeze(model: nn.Module, what: str | None) -> None:
         raise UserError(
             f"Unknown trainer.freeze={what!r}. Valid values: null, {', '.join(FREEZE_CHOICES)}."
         )
-    if not any(is_head(name) for name, _ in model.named_parameters()):
+    if not any(is_head(name, model) for name, _ in model.named_parameters()):
+        heads = ", ".join(f"{head}.*" for head in getattr(model, "classifiers", ()))
         raise UserError(
-            f"trainer.freeze=backbone found no head parameters ({', '.join(HEADS)}*) in "
-            f"{type(model).__name__}; set trainer.freeze=null."
+            f"trainer.freeze=backbone found no head parameters ({heads or 'no heads named'}) "
+            f"in {type(model).__name__}; set trainer.freeze=null."
         )
     for name, param in model.named_parameters():
-        param.requires_grad_(is_head(name))
+        param.requires_grad_(is_head(name, model))
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

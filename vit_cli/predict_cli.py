@@ -75,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
     from vit_cli.console import console_for
     from vit_cli.inference import (
+        LoadedModel,
+        eval_transform_of,
         expand_inputs,
-        loaded_model,
         predict_files,
         read_for_inference,
         trained_precision,
     )
+    from vit_cli.models.factory import model_from_checkpoint
     from vit_cli.runtime import resolve_device
 
     paths = expand_inputs(args.inputs)
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     choose_freed_memory(args.keep_freed_memory, device.type)
     precision = trained_precision(ckpt, device, args.precision)
-    loaded = loaded_model(ckpt, args.checkpoint, args.ema, device)
+    model = model_from_checkpoint(ckpt, args.checkpoint, args.ema).to(device)
+    loaded = LoadedModel(model, eval_transform_of(ckpt), list(ckpt["data"]["class_names"]))
     if args.max_pixels is not None:
         loaded.transform.max_pixels = args.max_pixels
     pictures = (

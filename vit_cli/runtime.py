@@ -238,7 +238,7 @@ def _is_collective_failure(error: Exception) -> bool:
 class EpochSampler(Sampler[int]):
     """This process's share of a training epoch, in an order fixed by `generator`.
 
-    Every process draws the same permutation (the trainer re-seeds `generator` with
+    Every process draws the same permutation (`set_epoch` re-seeds `generator` with
     seed + epoch in all of them). With `repeats` > 1 (repeated augmentation, Hoffer et al.
     2020, as DeiT trains), the first ceil(n / repeats) indices are each taken `repeats`
     times in a row, keeping the epoch's length n. Process `rank` then takes every
@@ -261,21 +261,28 @@ class EpochSampler(Sampler[int]):
         self.repeats = repeats
         self.rank = rank
         self.world_size = world_size
-        # Where the next pass starts in this process's share: a resumed epoch skips what it
-        # already trained on (`loop.resumed_epoch`).
-        self.start = 0
+        self._start = 0  # where the next pass starts in this process's share
 
     def __len__(self) -> int:
         return self.n // self.world_size
 
+    def set_epoch(self, seed: int, start: int = 0) -> None:
+        """Fix the next pass's order by `seed`, and start it at index `start` of this
+        process's share: a resumed epoch skips what it already trained on, without drawing
+        those samples' augmentations from the random state it continues from. The
+        generator is also the loader's, which draws its workers' seeds from it."""
+        self.generator.manual_seed(seed)
+        self._start = start
+
     def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0  # later passes start at the beginning
         # A generator function, so the permutation is drawn on the first index, as
         # torch's RandomSampler draws it: one process sees the order it always saw.
         order = torch.randperm(self.n, generator=self.generator)
         if self.repeats > 1:
             drawn = order[: math.ceil(self.n / self.repeats)]
             order = drawn.repeat_interleave(self.repeats)[: self.n]
-        yield from order[self.rank :: self.world_size][self.start : len(self)].tolist()
+        yield from order[self.rank :: self.world_size][start : len(self)].tolist()
 
 
 class ShardSampler(Sampler[int]):

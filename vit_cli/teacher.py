@@ -14,11 +14,11 @@ from vit_cli.checkpoint import (
     UnreadableFile,
     load_checkpoint,
     load_model_state,
-    model_from_checkpoint,
     torch_load_weights,
 )
 from vit_cli.config import TeacherConfig
 from vit_cli.errors import UserError
+from vit_cli.models.factory import model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

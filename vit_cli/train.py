@@ -41,7 +41,8 @@ _task = {"started": False}
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> float:
     _task["started"] = True
-    # torch and friends load after argument parsing, so that --help and typos answer fast.
+    # The trainer, torchvision and TensorBoard load after argument parsing, so that --help
+    # and typos answer without them (composing the config loads torch, for the model schemas).
     from vit_cli.runtime import start_runtime
     from vit_cli.trainer import fit
 

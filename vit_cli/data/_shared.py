@@ -45,6 +45,12 @@ class DataBundle:
     # reads a test split that training never scored (vit-eval --split test).
     same_val_as_training: bool = True
 
+    def train_epoch(self, seed: int, skip_batches: int = 0) -> Iterator:
+        """The training batches of the epoch whose order `seed` fixes, from batch number
+        `skip_batches` on (a resumed epoch)."""
+        self.train_loader.sampler.set_epoch(seed, skip_batches * self.train_loader.batch_size)
+        return iter(self.train_loader)
+
 
 @dataclass
 class Splits:

@@ -1,97 +1,72 @@
 """Model families: one registry from a family's name to its config schema and its builder.
 
-`configs/model/*.yaml` name a family (`name: vit`); Hydra checks the YAML against that
-family's schema, and `build_model` calls its builder. Adding a family is one entry here, one
-module under `models/` and one YAML. The model modules (and torch) load when a model is
-built, so that composing a config (`vit-train --help`, a misspelt key) stays fast.
+Each module of this package that defines `FAMILY = ModelFamily(...)` is a family, named
+after the module (`vit.py`: `model.name=vit`); `configs/model/*.yaml` name a family and its
+schema in their defaults (`/schema/model/<name>@_here_`). Adding a family is its module and
+its YAML: `families` finds the module, `composition.register_configs` stores its schema.
 
-Every model's `forward` returns logits (B, num_classes). A DeiT student also has two heads,
-which `forward_heads` returns when training needs them (`two_heads`).
+A family module holds its schema (a `config.ModelConfig`, which checks its own values), its
+builder, and the model, which answers what the generic code asks of it, so that nothing
+outside this package tests a model's class:
+- `classifiers`: the names of its head(s), which trainer.freeze=backbone trains,
+  optimizer.head_lr_scale scales and another class count resets;
+- `no_weight_decay()`: the parameters that take no weight decay (`optim.param_groups`);
+- `layer_ids()`: each parameter's layer, for optimizer.layer_decay (`optim.lr_scales`);
+- `attention_map`: "rollout" (a class token read through every block: `num_prefix_tokens`,
+  `patch_embed.grid_size`) or "grad-cam" (`grad_cam_block()`), for `attention.attention_maps`;
+- `pretrained_layout`, `pretrained_fit`, `pretrained_ignored`: how it reads other projects'
+  weights (`vit_cli.pretrained`);
+- `set_grad_checkpointing(enable)`; and `set_both_heads(enable)` for a model with two heads
+  (a DeiT student), whose `forward` then returns both heads' logits.
+
+Every model's `forward` returns logits (B, num_classes) unless both heads are on, and
+`forward_head(forward_features(x))` always does.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from vit_cli.config import DeiTConfig, SwinConfig, ViTConfig
 from vit_cli.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
 
-
-def _vit_kwargs(cfg: ViTConfig, img_size: int, in_chans: int, num_classes: int) -> dict:
-    return dict(
-        img_size=img_size,
-        patch_size=cfg.patch_size,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        drop_rate=cfg.drop_rate,
-        attn_drop_rate=cfg.attn_drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
-    )
-
-
-def build_vit(cfg: ViTConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
-    from vit_cli.models.vit import VisionTransformer
-
-    return VisionTransformer(**_vit_kwargs(cfg, img_size, in_chans, num_classes))
-
-
-def build_deit(cfg: DeiTConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
-    from vit_cli.models.deit import DistilledVisionTransformer
-    from vit_cli.models.vit import VisionTransformer
-
-    model_cls = DistilledVisionTransformer if cfg.distilled else VisionTransformer
-    return model_cls(**_vit_kwargs(cfg, img_size, in_chans, num_classes))
-
-
-def build_swin(cfg: SwinConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
-    from vit_cli.models.swin import SwinTransformer
-
-    return SwinTransformer(
-        img_size=img_size,
-        patch_size=cfg.patch_size,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        embed_dim=cfg.embed_dim,
-        depths=tuple(cfg.depths),
-        num_heads=tuple(cfg.num_heads),
-        window_size=cfg.window_size,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        drop_rate=cfg.drop_rate,
-        attn_drop_rate=cfg.attn_drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
-        ape=cfg.ape,
-        patch_norm=cfg.patch_norm,
-    )
+    from vit_cli.pretrained import Layout
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    schema: type  # the dataclass its YAML is checked against
-    build: Callable[..., nn.Module]  # (cfg, img_size, in_chans, num_classes) -> model
+    schema: type  # the dataclass its YAML is checked against: a subclass of ModelConfig
+    build: Callable[[Any, int, int, int], nn.Module]  # (cfg, img_size, in_chans, num_classes)
+    # The layout of pretrained weights of this family, told from the file's keys and what
+    # held them (None: they are not its weights); none for a family that reads another's.
+    weight_layout: Callable[[list[str], str], Layout | None] | None = None
 
 
-FAMILIES: dict[str, ModelFamily] = {
-    "vit": ModelFamily(ViTConfig, build_vit),
-    "deit": ModelFamily(DeiTConfig, build_deit),
-    "swin": ModelFamily(SwinConfig, build_swin),
-}
+@cache
+def families() -> dict[str, ModelFamily]:
+    """Every family in this package, by model.name."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.startswith("_"):
+            continue
+        member = getattr(importlib.import_module(f"{__name__}.{module.name}"), "FAMILY", None)
+        if isinstance(member, ModelFamily):
+            found[module.name] = member
+    return dict(sorted(found.items()))
 
 
 def family(name: str) -> ModelFamily:
-    if name not in FAMILIES:
-        raise UserError(f"Unknown model.name={name!r}. Valid names: {', '.join(sorted(FAMILIES))}.")
-    return FAMILIES[name]
+    known = families()
+    if name not in known:
+        raise UserError(f"Unknown model.name={name!r}. Valid names: {', '.join(known)}.")
+    return known[name]
 
 
 def build_model(cfg, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
@@ -106,8 +81,24 @@ def build_model(cfg, img_size: int, in_chans: int, num_classes: int) -> nn.Modul
         ) from e
 
 
-def two_heads(model: nn.Module) -> bool:
-    """Whether `model` is a DeiT student, with a class head and a distillation head."""
-    from vit_cli.models.deit import DistilledVisionTransformer
+def checked_layout(
+    model: nn.Module, own: Layout | None, keys: list[str], container: str, source: str
+) -> Layout:
+    """`own`, the layout the model's family finds in the keys of the pretrained weights
+    `source`; when it finds none, a UserError that says whose weights they are."""
+    if own is not None:
+        return own
+    for other in families().values():
+        found = other.weight_layout(keys, container) if other.weight_layout else None
+        if found is not None:
+            raise UserError(
+                f"{source} holds {found.weights} weights ({found.name} layout) but the model "
+                f"is a {type(model).__name__}. Pick the family that fits them: {found.pick}."
+            )
+    from vit_cli.pretrained import first_few
 
-    return isinstance(model, DistilledVisionTransformer)
+    raise UserError(
+        "Cannot tell which project's layout these weights follow; keys that could not be "
+        f"placed: {first_few(sorted(keys))}. Supported: vit_cli, timm and official DeiT/Swin "
+        "(ViT, DeiT, Swin v1), torchvision vit_*/swin_t-style."
+    )

@@ -24,17 +24,25 @@ Design choices beyond the paper:
   shift is turned off, as in the official code.
 - `relative_position_index` and `attn_mask` are non-persistent buffers: they are derived
   from the config, move with `.to(device)`, and are kept out of checkpoints.
+
+The family's config schema (`SwinConfig`), the layer ids of layer-wise lr decay and the
+layouts of pretrained Swin weights live here too, beside the model that reads them.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vit_cli.config import Check, ModelConfig, at_least, positive, share
+from vit_cli.errors import UserError
+from vit_cli.models import ModelFamily, checked_layout
 from vit_cli.models.layers import (
     DropPath,
     Mlp,
@@ -43,6 +51,147 @@ from vit_cli.models.layers import (
     init_linear_trunc_normal,
     stochastic_depth_rates,
 )
+from vit_cli.pretrained import (
+    OUR_NAMES,
+    Fit,
+    Layout,
+    fitted,
+    renamer,
+    resample_pos_embed_grid,
+    resize_rel_pos_bias_table,
+    square_side,
+)
+
+
+@dataclass
+class SwinConfig(ModelConfig):
+    name: str = "swin"
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.2
+    ape: bool = False
+    patch_norm: bool = True
+
+    def checks(self) -> list[Check]:
+        depths, heads = self.depths, self.num_heads
+        return [
+            *super().checks(),
+            at_least("model.patch_size", self.patch_size, 1),
+            at_least("model.embed_dim", self.embed_dim, 1),
+            positive("model.mlp_ratio", self.mlp_ratio),
+            share("model.drop_rate", self.drop_rate),
+            share("model.attn_drop_rate", self.attn_drop_rate),
+            share("model.drop_path_rate", self.drop_path_rate),
+            ("model.depths", depths, len(depths) >= 1 and min(depths) >= 1,
+             "a list of stage depths, each at least 1"),
+            ("model.num_heads", heads, len(heads) == len(depths) and min(heads, default=0) >= 1,
+             "a list of head counts, each at least 1, one per stage (as model.depths)"),
+            at_least("model.window_size", self.window_size, 1),
+        ]  # fmt: skip
+
+
+def build(cfg: SwinConfig, img_size: int, in_chans: int, num_classes: int) -> SwinTransformer:
+    return SwinTransformer(
+        img_size=img_size,
+        patch_size=cfg.patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=cfg.embed_dim,
+        depths=tuple(cfg.depths),
+        num_heads=tuple(cfg.num_heads),
+        window_size=cfg.window_size,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        drop_rate=cfg.drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+        ape=cfg.ape,
+        patch_norm=cfg.patch_norm,
+    )
+
+
+# --- Pretrained weights: the layouts of Swin weights ----------------------------------------
+# The official releases use our names, plus the derived buffers. timm (1.x) puts patch merging
+# at the start of the next stage (`layers.{i+1}.downsample`) and names the head `head.fc`.
+# torchvision's swin_t-style models: `features.0` the patch embedding, odd `features.{k}`
+# the stages' blocks, even ones patch merging. Patch merging concatenates the 2x2 neighbours
+# in the order (0,0), (1,0), (0,1), (1,1) in all of them and ours alike, so merging weights
+# need no reordering.
+
+
+def _tv_stage(match: re.Match) -> int:
+    return (int(match[1]) - 1) // 2  # features.1, .3, .5, .7 hold the blocks of stages 0..3
+
+
+TIMM_SWIN = renamer(
+    (r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) - 1}.downsample."),
+    (r"^head\.fc\.", "head."),
+)
+TORCHVISION_SWIN = renamer(
+    (r"^features\.0\.0\.", "patch_embed.proj."),  # features.0 = (Conv2d, Permute, LayerNorm)
+    (r"^features\.0\.2\.", "patch_embed.norm."),
+    (
+        r"^features\.(\d+)\.(\d+)\.mlp\.0\.",
+        lambda m: f"layers.{_tv_stage(m)}.blocks.{m[2]}.mlp.fc1.",
+    ),
+    (
+        r"^features\.(\d+)\.(\d+)\.mlp\.3\.",
+        lambda m: f"layers.{_tv_stage(m)}.blocks.{m[2]}.mlp.fc2.",
+    ),
+    (r"^features\.(\d+)\.(\d+)\.", lambda m: f"layers.{_tv_stage(m)}.blocks.{m[2]}."),
+    (r"^features\.(\d+)\.", lambda m: f"layers.{int(m[1]) // 2 - 1}.downsample."),
+)
+BUFFER = "buffer the model rebuilds from its config"
+
+
+def weight_layout(keys: list[str], container: str) -> Layout | None:
+    """The layout of Swin weights with these keys; None when they are not Swin weights."""
+
+    def layout(name: str, rename) -> Layout:
+        return Layout(name, "Swin", "model=swin", rename)
+
+    if any(k.startswith("features.0.0.") for k in keys):
+        return layout("torchvision", TORCHVISION_SWIN)
+    if not any(re.match(r"layers\.\d+\.blocks\.\d+\.", k) for k in keys):
+        return None
+    merging = {int(m[1]) for k in keys if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
+    if "head.fc.weight" in keys or (merging and 0 not in merging):
+        return layout("timm", TIMM_SWIN)
+    has_buffers = any(k.endswith(("relative_position_index", "attn_mask")) for k in keys)
+    ours = container == "vit_cli" or (container == "bare" and not has_buffers)
+    return layout("vit_cli" if ours else "official Swin", OUR_NAMES)
+
+
+def swin_layer_id(name: str, depths: list[int]) -> int:
+    """Layer of a Swin parameter for layer-wise lr decay, as in SimMIM's Swin fine-tuning.
+
+    0: patch embedding (and absolute position embedding); 1..sum(depths): the blocks of
+    all stages, counted in order; sum(depths) + 1: final norm and head. A stage's patch
+    merging (`layers.s.downsample`) runs right after that stage's blocks and belongs to the
+    stage, so it takes the layer of the stage's last block.
+    """
+    if name == "absolute_pos_embed" or name.startswith("patch_embed."):
+        return 0
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 3:
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        if parts[2] == "downsample":
+            return sum(depths[: stage + 1])
+    if name.startswith(("norm.", "head.")):
+        return sum(depths) + 1
+    raise UserError(
+        f"optimizer.layer_decay has no layer for the swin parameter {name!r}. Set "
+        "optimizer.layer_decay=null, or add a rule for it to vit_cli/models/swin.py."
+    )
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -371,6 +520,11 @@ class SwinStage(nn.Module):
 class SwinTransformer(nn.Module):
     """Hierarchical vision transformer with shifted windows (Liu et al., 2021, Fig. 3)."""
 
+    classifiers: tuple[str, ...] = ("head",)
+    # attention.attention_maps: Grad-CAM on `grad_cam_block()`; windows leave no class-token
+    # attention to roll out.
+    attention_map = "grad-cam"
+
     def __init__(
         self,
         img_size: int = 224,
@@ -454,6 +608,47 @@ class SwinTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"absolute_pos_embed", "relative_position_bias_table"}
 
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's layer for layer-wise lr decay (`swin_layer_id`)."""
+        depths = [len(stage.blocks) for stage in self.layers]
+        return {name: swin_layer_id(name, depths) for name, _ in self.named_parameters()}
+
+    def grad_cam_block(self) -> SwinTransformerBlock:
+        """The last block whose feature map is larger than 1x1: where Grad-CAM looks."""
+        blocks = [block for stage in self.layers for block in stage.blocks]
+        for block in reversed(blocks):
+            H, W = block.input_resolution
+            if H * W > 1:
+                return block
+        raise ValueError("Grad-CAM needs a feature map larger than 1x1; the model has none")
+
+    def pretrained_layout(self, keys: list[str], container: str, source: str) -> Layout:
+        return checked_layout(self, weight_layout(keys, container), keys, container, source)
+
+    def pretrained_fit(
+        self, name: str, target: torch.Tensor, weights: dict[str, torch.Tensor], source: str
+    ) -> Fit | None:
+        """The absolute position embedding resampled for another patch grid, and the bias
+        tables resized for another window (`resize_rel_pos_bias_table`)."""
+        value = weights.get(name)
+        if value is None or value.shape == target.shape:
+            return None
+        if name == "absolute_pos_embed" and value.shape[-1] == target.shape[-1]:
+            grid = square_side(value.shape[1], name, source)
+            new_grid = math.isqrt(target.shape[1])
+            resampled = resample_pos_embed_grid(value, new_grid, num_prefix_tokens=0)
+            how = f"{grid}x{grid} -> {new_grid}x{new_grid} grid (bicubic)"
+            return fitted(name, resampled, target, how)
+        if name.endswith("relative_position_bias_table") and value.shape[1:] == target.shape[1:]:
+            side, new_side = math.isqrt(value.shape[0]), math.isqrt(target.shape[0])
+            resized = resize_rel_pos_bias_table(value, (new_side + 1) // 2)
+            how = f"{side}x{side} -> {new_side}x{new_side} table (geometric offsets, linear)"
+            return fitted(name, resized, target, how)
+        return None
+
+    def pretrained_ignored(self, name: str) -> str | None:
+        return BUFFER if name.endswith(("relative_position_index", "attn_mask")) else None
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations during backward, trading compute for memory."""
         for stage in self.layers:
@@ -475,3 +670,6 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+FAMILY = ModelFamily(schema=SwinConfig, build=build, weight_layout=weight_layout)
