@@ -53,6 +53,7 @@ def test_an_epoch_without_pauses_ends_at_its_last_batch():
         (3, 5, LoopExit.MAX_STEPS, 3),
         (5, 5, LoopExit.MAX_STEPS, 5),  # both due: the run ends rather than checkpointing
         (None, BATCHES, LoopExit.END_OF_EPOCH, BATCHES),  # due on the last batch: epoch ends
+        (BATCHES, None, LoopExit.END_OF_EPOCH, BATCHES),  # max steps on the last batch too
     ],
 )
 def test_the_loop_returns_why_it_stopped(max_steps, every, why, steps):

@@ -63,6 +63,13 @@ def test_max_steps_stops_mid_epoch(compose_cfg, tmp_path):
     assert (state["step"], state["epoch"]) == (5, 0)
 
 
+def test_max_steps_on_an_epochs_last_step_completes_that_epoch(compose_cfg, tmp_path):
+    steps = 1437 // 32  # TINY's batch of 32 on digits' training split
+    fit(compose_cfg(*TINY, f"trainer.max_steps={steps}"), tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")["state"]
+    assert (state["step"], state["epoch"], state["epoch_batches"]) == (steps, 1, 0)
+
+
 def test_non_finite_loss_stops_training_after_max_bad_steps(compose_cfg):
     cfg = compose_cfg(*TINY, "trainer.max_bad_steps=3")
     model = VisionTransformer(

@@ -233,8 +233,9 @@ def train_one_epoch(
             why = paused
             break
     state.pause(time.perf_counter() - start)
-    # A step checkpoint due on the epoch's last batch waits for the epoch's end.
-    if why is LoopExit.CHECKPOINT_DUE and state.epoch_batches == epoch_length:
+    # A step checkpoint or trainer.max_steps on the epoch's last batch ends the epoch; a
+    # stop signal there still stops first (the resumed run ends the epoch).
+    if why is not LoopExit.STOP_SIGNAL and state.epoch_batches == epoch_length:
         return LoopExit.END_OF_EPOCH
     return why
 
