@@ -76,6 +76,19 @@ class ModelConfig:
         return [optional_at_least("model.img_size", self.img_size, 1)]
 
 
+def transformer_checks(cfg: Any) -> list[Check]:
+    """The checks of the keys that every family here adds alike (ViT, DeiT and Swin):
+    patch size, width, MLP ratio and dropout rates."""
+    return [
+        at_least("model.patch_size", cfg.patch_size, 1),
+        at_least("model.embed_dim", cfg.embed_dim, 1),
+        positive("model.mlp_ratio", cfg.mlp_ratio),
+        share("model.drop_rate", cfg.drop_rate),
+        share("model.attn_drop_rate", cfg.attn_drop_rate),
+        share("model.drop_path_rate", cfg.drop_path_rate),
+    ]
+
+
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 

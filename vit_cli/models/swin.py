@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_cli.config import Check, ModelConfig, at_least, positive, share
+from vit_cli.config import Check, ModelConfig, at_least, transformer_checks
 from vit_cli.errors import UserError
 from vit_cli.models import ModelFamily, checked_layout
 from vit_cli.models.layers import (
@@ -83,12 +83,7 @@ class SwinConfig(ModelConfig):
         depths, heads = self.depths, self.num_heads
         return [
             *super().checks(),
-            at_least("model.patch_size", self.patch_size, 1),
-            at_least("model.embed_dim", self.embed_dim, 1),
-            positive("model.mlp_ratio", self.mlp_ratio),
-            share("model.drop_rate", self.drop_rate),
-            share("model.attn_drop_rate", self.attn_drop_rate),
-            share("model.drop_path_rate", self.drop_path_rate),
+            *transformer_checks(self),
             ("model.depths", depths, len(depths) >= 1 and min(depths) >= 1,
              "a list of stage depths, each at least 1"),
             ("model.num_heads", heads, len(heads) == len(depths) and min(heads, default=0) >= 1,

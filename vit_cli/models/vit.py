@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_cli.config import Check, ModelConfig, at_least, positive, share
+from vit_cli.config import Check, ModelConfig, at_least, transformer_checks
 from vit_cli.errors import UserError
 from vit_cli.models import ModelFamily, checked_layout
 from vit_cli.models.layers import (
@@ -57,12 +57,7 @@ class ViTConfig(ModelConfig):
     def checks(self) -> list[Check]:
         return [
             *super().checks(),
-            at_least("model.patch_size", self.patch_size, 1),
-            at_least("model.embed_dim", self.embed_dim, 1),
-            positive("model.mlp_ratio", self.mlp_ratio),
-            share("model.drop_rate", self.drop_rate),
-            share("model.attn_drop_rate", self.attn_drop_rate),
-            share("model.drop_path_rate", self.drop_path_rate),
+            *transformer_checks(self),
             at_least("model.depth", self.depth, 1),
             at_least("model.num_heads", self.num_heads, 1),
         ]
