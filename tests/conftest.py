@@ -13,6 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
@@ -23,8 +24,24 @@ from vit_cli.config import TrainConfig
 
 CONFIG_DIR = str(files("vit_cli.configs"))
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (`-n`), each worker takes its share of the cores, and so do the CLI
+    # runs it starts (OMP_NUM_THREADS is inherited): with torch's default of a thread per core
+    # in every process, the cores would be oversubscribed, and OpenMP threads waiting on
+    # each other spin on cores that another worker needs.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 # Overrides that shrink the default digits run to a few seconds (at batch 32: 44 steps an
-# epoch, which the tests count on).
+# epoch, which the tests count on). Without the TensorBoard pictures, whose first rendering
+# (matplotlib's import, the confusion matrix's frame) is a second of such a run: the tests of
+# the pictures turn them on.
 TINY = [
     "data.batch_size=32",
     "model.embed_dim=32",
@@ -34,6 +51,7 @@ TINY = [
     "scheduler.warmup_epochs=0",
     "optimizer.lr=3e-3",
     "data.shift=0",
+    "trainer.images_every_n_epochs=null",
 ]
 
 

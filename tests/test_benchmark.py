@@ -275,8 +275,9 @@ def test_data_parallel_script_compares_two_processes_with_one_at_the_same_global
 @pytest.mark.slow
 def test_whole_runs_script_prints_tensorboard_pictures_on_against_off(tmp_path):
     stdout = run_script(
-        tmp_path, "whole_runs.py", *TINY, "trainer.epochs=1", "--tensorboard-images", "--rounds=1"
-    )
+        tmp_path, "whole_runs.py", *TINY, "trainer.epochs=1", "trainer.images_every_n_epochs=1",
+        "--tensorboard-images", "--rounds=1",
+    )  # fmt: skip
     assert "pictures on" in stdout and "run wall time (s)" in stdout
     assert "final val top-1 (%)" in stdout and "pictures off / pictures on" in stdout
 

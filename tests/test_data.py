@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import tarfile
 from collections.abc import Iterator
 from importlib.resources import files
@@ -18,11 +19,12 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from tests.conftest import TINY
+from tests.conftest import TINY, run_command
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
 from vit_cli.config import AugmentConfig, DataConfig
 from vit_cli.data import UNREADABLE, UnsupportedImage, build_data, prepare_data, read_image
 from vit_cli.data.cifar import CifarConfig
+from vit_cli.data.digits import cache_path, split_digits
 from vit_cli.data.fake import FakeConfig
 from vit_cli.data.imagefolder import ImageFolderConfig
 from vit_cli.errors import UserError
@@ -58,6 +60,52 @@ def test_digits_split_is_fixed_stratified_80_20():
     images, labels = next(iter(a.train_loader))
     assert images.shape == (64, 1, 8, 8) and images.dtype == torch.float32
     assert labels.shape == (64,)
+
+
+def test_the_digits_split_kept_in_the_cache_is_scikit_learns_and_spares_its_import(
+    tmp_path, monkeypatch
+):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    digits = load_digits()
+    train, val = train_test_split(
+        range(1797), test_size=0.2, stratify=digits.target, random_state=0
+    )
+    pixels = torch.tensor(digits.images, dtype=torch.float32)
+
+    def check(split) -> None:
+        assert torch.equal(split["images"].float(), pixels)
+        assert split["labels"].tolist() == digits.target.tolist()
+        assert (split["train"].tolist(), split["val"].tolist()) == (train, val)
+
+    check(split_digits())  # from scikit-learn, then kept
+    cache = cache_path()
+    assert cache.parent == tmp_path / "vit_cli" and cache.is_file()
+    check(split_digits())  # from the cache
+
+    # A fresh process reads the kept split without importing scikit-learn.
+    code = (
+        "import sys; from vit_cli.data.digits import split_digits; split_digits(); "
+        "print('sklearn' in sys.modules)"
+    )
+    result = run_command([sys.executable, "-c", code], tmp_path, {**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+    # A damaged or foreign file is made again; a cache that can't be written is no error.
+    for damage in (b"not a torch file", None):
+        if damage is None:
+            torch.save({"images": torch.zeros(3)}, cache)
+        else:
+            cache.write_bytes(damage)
+        check(split_digits())
+        check(torch.load(cache, weights_only=True))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
+    check(split_digits())
 
 
 def test_digits_val_batches_are_the_normalised_pixels():

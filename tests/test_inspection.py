@@ -35,17 +35,19 @@ def _hparams_experiment(events: EventAccumulator):
 
 
 @pytest.mark.slow
-def test_two_digits_epochs_write_pictures_config_and_a_leading_hparams_row(run_cli, tmp_path):
+def test_three_digits_epochs_write_pictures_config_and_a_leading_hparams_row(run_cli, tmp_path):
     extra = ["optimizer.layer_decay=0.75", "trainer.images_per_grid=8"]
-    result = run_cli(*TINY, *extra, "hydra.run.dir=run")
+    pictures = ["trainer.epochs=3", "trainer.images_every_n_epochs=2"]
+    result = run_cli(*TINY, *extra, *pictures, "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr
     events = _event_file(tmp_path / "run")
     images = events.Tags()["images"]
     assert {"train/samples", "val/confusion_matrix", "val/misclassified", "val/attention"} <= set(
         images
     )
-    # Val pictures every epoch (2), the training batch once.
-    assert len(events.Images("val/confusion_matrix")) == 2
+    # Val pictures every second epoch and after the last (epochs 2 and 3: steps 88 and 132),
+    # the training batch once.
+    assert [image.step for image in events.Images("val/confusion_matrix")] == [88, 132]
     assert len(events.Images("val/attention")) == 2
     assert len(events.Images("train/samples")) == 1
 
@@ -84,7 +86,7 @@ def test_two_digits_epochs_write_pictures_config_and_a_leading_hparams_row(run_c
     # then the core; metrics include the wall time.
     experiment = _hparams_experiment(events)
     names = [info.name for info in experiment.hparam_infos]
-    overridden = [arg.split("=")[0] for arg in [*TINY, *extra]]
+    overridden = list(dict.fromkeys(arg.split("=")[0] for arg in [*TINY, *extra, *pictures]))
     assert names[: len(overridden)] == overridden
     assert all(info.differs == (info.name in overridden) for info in experiment.hparam_infos)
     core = names[len(overridden) : len(overridden) + 8]

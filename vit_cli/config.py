@@ -267,7 +267,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     # TensorBoard pictures (confusion matrix, misclassified val images, attention maps) every
     # this many epochs and after the last, and the first training batch (null: none).
-    images_every_n_epochs: Optional[int] = 1
+    images_every_n_epochs: Optional[int] = 5
     # Images in the misclassified and training-batch grids; attention maps show half as many.
     images_per_grid: int = 16
     # Stop with an error after this many consecutive steps whose loss is NaN or inf.
