@@ -163,16 +163,9 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             done = subprocess.run(
                 [*command, f"--ddp-worker={out}"], env=env, capture_output=True, text=True
             )
-            if done.returncode != 0 and not out.is_file():
+            if done.returncode != 0:
                 raise UserError(
                     f"the {name} setup failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-                )
-            if done.returncode != 0:
-                # The figures were written; a process failed as the job shut down.
-                tail = (done.stdout + done.stderr).strip().splitlines()[-1:]
-                console.print(
-                    f"note: the {name} setup exited with status {done.returncode} after writing "
-                    f"its figures: {' '.join(tail)}"
                 )
             report = json.loads(out.read_text())
             img_per_s = statistics.median(report["img_per_s_windows"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,27 @@ def test_a_cnn_teacher_trained_by_the_script_distils_a_deit_through_the_teacher_
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     assert len(events.Scalars("teacher/val_acc1")) == 1
     assert len(events.Scalars("train/loss_distill")) >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_jobs_script_counts_the_clean_jobs_of_each_program(tmp_path):
+    stdout = run_script(tmp_path, "torchrun_jobs.py", "--jobs=2")
+    assert "2 torchrun jobs of 2 processes" in stdout
+    # program, jobs, clean, aborts, failures, hangs
+    assert re.search(r"vit-train\W+1\W+1\W+0\W+0\W+0\W", stdout), stdout
+    assert re.search(r"data_parallel\.py\W+1\W+1\W+0\W+0\W+0\W", stdout), stdout
+
+
+@pytest.mark.slow
+def test_soak_script_samples_a_run_then_stops_it_with_sigterm(tmp_path):
+    args = ["--minutes=0.3", "--warmup-minutes=0.1", "--every=1", "--checkpoint-every=5",
+            f"--csv={tmp_path / 'samples.csv'}",
+            *(a for a in TINY if not a.startswith("trainer.epochs"))]  # fmt: skip
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    # 1: a bound broken, which a run this short, still warming up, may well do
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    assert "exit status 143 (143 expected)" in result.stdout
+    assert "RSS growth after warm-up" in result.stdout
+    rows = (tmp_path / "samples.csv").read_text().splitlines()
+    assert rows[0] == "minute,rss_mb,fds,threads,events_mb" and len(rows) > 5

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -302,3 +303,25 @@ def test_vit_export_exports_a_trained_checkpoint_and_reports_errors_in_one_line(
     assert "vit-export: error" in refused.stderr and "no weight average" in refused.stderr
     assert not (tmp_path / "run" / "last_ema.pt2").exists()
     assert vit_export("--help").returncode == 0
+
+
+def _file_size_limit(limit: int):
+    """A preexec_fn: files this process writes cannot grow past `limit` bytes (ulimit -f),
+    a disk that fills at that size. Python ignores SIGXFSZ, so a write fails with EFBIG."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript", "exported"])
+def test_an_export_to_a_full_disk_is_one_message_and_leaves_nothing_behind(
+    format, checkpoints, tmp_path
+):
+    output = tmp_path / "out" / f"vit.{format}"
+    output.parent.mkdir()
+    command = [*vit_export_command(), str(checkpoints["vit"]), "--format", format,
+               "--output", str(output)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            preexec_fn=_file_size_limit(4096))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "vit-export: error: Could not write" in result.stderr
+    assert "File too large" in result.stderr and "Traceback" not in result.stderr
+    assert list(output.parent.iterdir()) == []  # no model, no JSON, no temporary folder

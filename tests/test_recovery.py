@@ -5,7 +5,10 @@ command again (`trainer.resume=auto`), which must end exactly where an uninterru
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,75 @@ def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(tmp_pat
     third = run([*_vit_train_command(), *TINY, "hydra.run.dir=a_file"], tmp_path)
     assert third.returncode == 2 and "is a file" in third.stderr
     assert "Traceback" not in second.stderr + third.stderr
+
+
+def test_a_second_writer_waits_its_bound_then_exits_2_naming_the_first_until_it_is_killed(
+    start, tmp_path
+):
+    command = [*_vit_train_command(), *ARGS, "trainer.epochs=100", "hydra.run.dir=run",
+               "trainer.resume=auto", "trainer.checkpoint_every_n_steps=1"]  # fmt: skip
+    first = start(command, tmp_path, env())
+    wait_for_checkpoint(tmp_path / "run" / "last.pt", first)
+
+    second = run([*command, "trainer.lock_wait_s=1"], tmp_path)
+    assert second.returncode == 2, second.stderr
+    assert f"{socket.gethostname()} pid {first.pid}," in second.stderr
+    assert "waited 1 s (trainer.lock_wait_s)" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None  # the first run goes on
+
+    first.kill()  # SIGKILL: the kernel releases the lock with the process
+    finish(first)
+    third = run([*command, "trainer.epochs=1", "trainer.lock_wait_s=0"], tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert f"pid {first.pid}," not in (tmp_path / "run" / ".vit-train.lock").read_text()
+
+
+def test_a_full_disk_stops_the_run_with_a_message_and_its_checkpoints_resume_to_the_same_end(
+    uninterrupted, start, tmp_path
+):
+    command = [*_vit_train_command(), *ARGS, "hydra.run.dir=run", "trainer.resume=auto",
+               "trainer.checkpoint_every_n_steps=25"]  # fmt: skip
+    proc = start(command, tmp_path, env())
+    last = tmp_path / "run" / "last.pt"
+    wait_for_checkpoint(last, proc, step=EPOCH)
+    # The disk fills: no file of the run may grow past a checkpoint's size any more (the
+    # kernel's file-size limit, set on the running process). The event file is far smaller.
+    limit = last.stat().st_size - 1
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _, stderr = finish(proc)
+    assert proc.returncode == 2, stderr
+    assert f"Could not write {last}: File too large; it needed about" in stderr
+    assert f"free in {last.parent}" in stderr
+    assert "as they were: make room, then continue the run (trainer.resume=auto)" in stderr
+    assert "Traceback" not in stderr and not list(last.parent.glob(".*.tmp"))
+
+    again = run(command, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_end(tmp_path / "run", uninterrupted)
+
+
+_FILL_TENSORBOARD = """
+import resource, sys
+from pathlib import Path
+from vit_cli.cli import reported_errors
+from vit_cli.sinks import Sinks, TensorBoardSink
+
+with reported_errors(Path(sys.argv[1])):
+    with Sinks([TensorBoardSink(Path(sys.argv[1]))]) as sinks:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        for step in range(5000):
+            sinks.scalars({"train/loss": 1.0 / (step + 1)}, step)
+"""
+
+
+def test_tensorboard_on_a_full_disk_is_one_message_not_a_thread_s_traceback(tmp_path):
+    result = run([sys.executable, "-c", _FILL_TENSORBOARD, str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"vit-train: error: Could not write in {tmp_path / 'run'}: File too large" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
 
 
 class _CtrlCWhilePickled:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vit_cli.errors import UserError
+from vit_cli.errors import UserError, no_space_error, no_space_message
 
 FORMAT_VERSION = 1
 # Prefixes added by DistributedDataParallel and torch.compile wrappers.
@@ -83,15 +83,34 @@ def _write_atomically(state: dict[str, Any], path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        full = no_space_error(e)
+        if full is None:
+            raise
+        full.filename = str(path)  # the file it was for, not the temporary one
+        raise UserError(
+            f"{no_space_message(path.parent, full, _tensor_bytes(state))} {path} and the "
+            "other files there are as they were: make room, then continue the run "
+            "(trainer.resume=auto)."
+        ) from e
     # The rename itself lives in the folder: sync it too, so that it survives a crash.
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def _tensor_bytes(state: object) -> int:
+    """About what `state` takes on disk: the bytes of its tensors."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 class UnreadableFile(Exception):

@@ -6,17 +6,18 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
 from vit_cli.console import on_terminal
-from vit_cli.errors import UserError
+from vit_cli.errors import UserError, no_space_error, no_space_message
 from vit_cli.launch import in_submitit_job, launched_processes, process_title
 from vit_cli.stopping import Stopped, hand_on
 
@@ -25,8 +26,8 @@ from vit_cli.stopping import Stopped, hand_on
 def reported_errors(
     run_dir: Path | None = None, tool: str = "vit-train", in_sweep: bool = False
 ) -> Iterator[None]:
-    """Print a UserError or Ctrl-C as one short message and exit; HYDRA_FULL_ERROR=1 keeps
-    the trace.
+    """Print a UserError, a full disk or Ctrl-C as one short message and exit;
+    HYDRA_FULL_ERROR=1 keeps the trace.
 
     `run_dir` is a training run's, for the hint on how to resume; `tool` titles the message.
     On a terminal the message is a panel; elsewhere (a pipe, a CI or Slurm log) it is one
@@ -39,7 +40,8 @@ def reported_errors(
     rank, _ = launched_processes()
     title = process_title(tool)
     try:
-        yield
+        with _full_disk_reported_by_main_thread():
+            yield
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -72,6 +74,37 @@ def reported_errors(
                 hint = " No epoch had finished, so no checkpoint was written."
             _print_message(title, f"Interrupted.{hint}", "yellow")
         sys.exit(130)
+    except Exception as e:
+        # A full disk anywhere a tool writes (TensorBoard's events, an export, the log),
+        # reported as an OSError or as another error caused by one.
+        full = no_space_error(e)
+        if full is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        folder = Path(full.filename).parent if full.filename else run_dir or Path.cwd()
+        _print_message(
+            f"{title}: error", f"{no_space_message(folder, full)} Make room there.", "red"
+        )
+        if in_sweep:
+            raise
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def _full_disk_reported_by_main_thread() -> Iterator[None]:
+    """Keep a writer thread's full-disk error (TensorBoard writes events in one) from
+    printing a traceback: the main thread meets the same error at its next write, and
+    reports it as one message."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if no_space_error(args.exc_value) is None:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _print_message(title: str, text: str, style: str) -> None:
@@ -104,3 +137,6 @@ def to_train_config(cfg: DictConfig):
     except MissingMandatoryValue as e:
         key = e.full_key
         raise UserError(f"{key} has no value and this config needs one: add {key}=<value>.") from e
+    except OmegaConfBaseException as e:  # an interpolation that names no key, for one
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{e.full_key}: {reason}.") from e

@@ -10,6 +10,7 @@ them all.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -27,6 +28,15 @@ def at_least(key: str, value: Any, low: int) -> Check:
 
 def optional_at_least(key: str, value: Any, low: int) -> Check:
     return key, value, value is None or value >= low, f"null or at least {low}"
+
+
+# A batch size reaches libraries as a C integer (itertools.islice, a tensor's shape).
+MAX_BATCH = 2**31 - 1
+
+
+def batch_size(key: str, value: Any, optional: bool = False) -> Check:
+    ok = (optional and value is None) or (value is not None and 1 <= value <= MAX_BATCH)
+    return key, value, ok, ("null or " if optional else "") + f"from 1 to {MAX_BATCH}"
 
 
 def positive(key: str, value: Any) -> Check:
@@ -180,14 +190,24 @@ class DataConfig:
             at_least("data.in_chans", self.in_chans, 1),
             optional_at_least("data.num_classes", self.num_classes, 1),
             ("data.std", self.std, all(v > 0 for v in self.std), "a list of positive values"),
-            at_least("data.batch_size", self.batch_size, 1),
-            optional_at_least("data.eval_batch_size", self.eval_batch_size, 1),
-            not_negative("data.num_workers", self.num_workers),
+            batch_size("data.batch_size", self.batch_size),
+            batch_size("data.eval_batch_size", self.eval_batch_size, optional=True),
+            (
+                "data.num_workers",
+                self.num_workers,
+                0 <= self.num_workers <= MAX_WORKERS,
+                f"from 0 to {MAX_WORKERS} (8 per CPU core here, and at least 64)",
+            ),
             optional_at_least("data.augment_threads", self.augment_threads, 1),
             not_negative("data.shift", self.shift),
             at_least("data.max_image_pixels", self.max_image_pixels, 1),
             *self.augment.checks(),
         ]
+
+
+# More loader processes than this is a slip of the keyboard, not a setting: each one is a
+# process, and a DataLoader starts them all at once.
+MAX_WORKERS = max(64, 8 * (os.cpu_count() or 1))
 
 
 @dataclass
@@ -287,6 +307,9 @@ class TrainerConfig:
     # With several processes (torchrun): how long a collective waits for the others before
     # the job stops with an error, e.g. when one process died or hangs.
     dist_timeout_s: float = 1800.0
+    # How long a run waits for another that still holds its run folder (a requeued job
+    # whose predecessor still writes) before it stops with an error naming that run.
+    lock_wait_s: float = 60.0
 
     def checks(self) -> list[Check]:
         ema, clip, freeze = self.ema.decay, self.grad_clip, self.freeze
@@ -307,6 +330,7 @@ class TrainerConfig:
              f"null or one of {', '.join(FREEZE_CHOICES)}"),
             ("trainer.ema.decay", ema, ema is None or 0.0 <= ema < 1.0, "null or in [0, 1)"),
             positive("trainer.dist_timeout_s", self.dist_timeout_s),
+            not_negative("trainer.lock_wait_s", self.lock_wait_s),
         ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from vit_cli.augment import ToChannels
-from vit_cli.errors import UserError
+from vit_cli.errors import UserError, no_space_error
 from vit_cli.inference import EvalTransform, eval_transform_of, read_for_inference
 from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.runtime import resolve_device
@@ -195,13 +196,23 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> No
     stays dynamic; the models have no data-dependent control flow for a trace to miss."""
     with torch.no_grad(), quiet_torch_jit():
         traced = torch.jit.trace(model, example)
-    traced.save(str(path))
+    write_serialized(lambda f: torch.jit.save(traced, f), path)
 
 
 def write_exported(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """A torch.export program (`.pt2`) with a dynamic batch dimension."""
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},))
-    torch.export.save(program, path)
+    write_serialized(lambda f: torch.export.save(program, f), path)
+
+
+def write_serialized(save: Callable[[io.BytesIO], None], path: Path) -> None:
+    """`save` into memory, then the bytes to `path`. PyTorch's file writer aborts the process
+    when a write to a file fails (a full disk): its destructor throws. Python's write raises
+    an OSError instead, which is reported as one message."""
+    buffer = io.BytesIO()
+    save(buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 WRITERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
@@ -226,6 +237,8 @@ def write_checked(
         try:
             WRITERS[format](model, example, staged)
         except Exception as e:  # the exporters fail in many ways, each with its own type
+            if no_space_error(e) is not None:
+                raise  # a full disk, reported as such (cli.reported_errors)
             raise UserError(
                 f"PyTorch could not export {what} to {format}: {first_line(e)}. Try another "
                 "--format (HYDRA_FULL_ERROR=1 shows the trace)."

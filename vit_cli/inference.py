@@ -285,12 +285,14 @@ def predict_files(
     the model keeps every core busy, a reading process can only take a core from it
     (docs/results.md, "vit-predict against the bare model"). `workers` > 0 loader processes read the next
     batches while the model runs, which pays on a GPU, whose model leaves the cores free, and
-    where reading waits on storage. None: 0 on the CPU, else up to 4.
+    where reading waits on storage. None: 0 on the CPU, else up to 4. Never more processes
+    than batches: the others would start only to find nothing to read.
     """
     model, transform, class_names = loaded
     device = next(model.parameters()).device
     if workers is None:
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    workers = min(workers, -(-len(paths) // batch_size))
     precision = precision or resolve_precision("fp32", device)
     loader = DataLoader(
         _ImageFiles(paths, transform),

@@ -61,11 +61,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "training run's data.max_image_pixels, 67,108,864)",
     )
     args = parser.parse_args(argv)
-    for name in ("topk", "batch_size", "max_pixels"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be 0 or more")
+    # Counts of images and processes: a C int at most, as the libraries that take them expect.
+    most = 2**31 - 1
+    limits = {
+        "topk": (1, most),
+        "batch_size": (1, most),
+        "workers": (0, most),
+        "max_pixels": (1, None),
+    }
+    for name, (low, high) in limits.items():
+        value = getattr(args, name)
+        if value is not None and (value < low or (high is not None and value > high)):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            parser.error(f"--{name.replace('_', '-')} must be {bounds}")
     return args
 
 

@@ -48,6 +48,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise UserError(
             f"device={name!r} is not a device name. Use auto, cpu, cuda or cuda:N."
         ) from e
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: not what vit_cli runs on
+        raise UserError(f"device={name} is not supported. Use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
             f"device={name} but CUDA is not available here. Use device=cpu or device=auto."
@@ -221,6 +223,10 @@ def start_runtime(device_name: str, timeout_s: float) -> Iterator[Runtime]:
                 f"wait up to trainer.dist_timeout_s={timeout_s:g} seconds."
             ) from e
         raise
+    else:
+        # Every process reaches the end before any takes the group down: a process whose
+        # peer has already closed its connections can abort in gloo's teardown.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

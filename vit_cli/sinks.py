@@ -131,8 +131,27 @@ class Sinks(Sink):
             sink.run_done(report)
 
     def close(self) -> None:
+        """Close every sink, even after one fails to; then raise the first failure."""
+        failures = []
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
+
+    def __enter__(self) -> Sinks:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc is None:
+                raise
+            # Else the error that ended the run is the one to report: a sink that then fails
+            # to close (TensorBoard's events, on the disk that just filled) only follows it.
 
 
 class TensorBoardSink(Sink):

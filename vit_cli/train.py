@@ -8,7 +8,9 @@ process, or in the tasks of a submitit job (Slurm, `submitit_local`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
@@ -26,6 +28,7 @@ from vit_cli.launch import (
     in_submitit_job,
     launched_processes,
 )
+from vit_cli.run_folder import run_folder_locked
 
 CONFIG_PATH = "pkg://vit_cli.configs"
 _ONE_JOB_PER_TORCHRUN = (
@@ -48,7 +51,7 @@ def _train(cfg: DictConfig) -> float:
 
     adopt_submitit_tasks()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    _, world_size = launched_processes()
+    rank, world_size = launched_processes()
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     with reported_errors(run_dir, in_sweep=in_sweep):
         if world_size > 1 and in_sweep and not in_submitit_job():
@@ -58,7 +61,13 @@ def _train(cfg: DictConfig) -> float:
             # A requeued job (after preemption or a time limit) runs this again in its own
             # run folder: it continues from its last checkpoint there.
             train_cfg.trainer.resume = "auto"
-        with start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime:
+        # A single run's folder is locked already (run_folder.RunFolderCheck); a sweep's job,
+        # requeued ones included, locks its own here. The other processes write nowhere.
+        locked = run_folder_locked(run_dir, train_cfg.trainer.lock_wait_s) if rank == 0 else None
+        with (
+            locked or contextlib.nullcontext(),
+            start_runtime(train_cfg.device, train_cfg.trainer.dist_timeout_s) as runtime,
+        ):
             # One run folder for the whole job: the main process's.
             run_dir = runtime.broadcast(run_dir)
             choose_freed_memory(train_cfg.keep_freed_memory, runtime.device.type)
@@ -68,6 +77,30 @@ def _train(cfg: DictConfig) -> float:
     return result.best_acc1
 
 
+def check_group_choices(args: list[str]) -> None:
+    """A config group's choice (`model=deit`) must be a name: Hydra answers `model=0` or
+    `model=null` with a traceback of its own, not a message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    groups = {p.name for p in files("vit_cli.configs").iterdir() if p.is_dir()}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = OverridesParser.create().parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports a line it cannot parse itself, as one message
+        if override.is_sweep_override() or override.key_or_group not in groups:
+            continue
+        value = override.value()
+        if not isinstance(value, (str, list)) or not all(isinstance(v, str) for v in value):
+            raise UserError(
+                f"{arg}: {override.key_or_group} is a config group and takes the name of one "
+                f"of configs/{override.key_or_group}/ (vit-train --help lists them)."
+            )
+
+
 def main() -> None:
     """`vit-train`: train a model from the configs in vit_cli.configs plus overrides."""
     register_configs()
@@ -75,6 +108,8 @@ def main() -> None:
     if world_size > 1 and ("-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]):
         with reported_errors():
             raise UserError(_ONE_JOB_PER_TORCHRUN)
+    with reported_errors():
+        check_group_choices(sys.argv[1:])
     sys.argv += hydra_overrides_for_this_process()
     try:
         _train()

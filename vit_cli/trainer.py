@@ -8,7 +8,6 @@ which; the trainer checkpoints and continues, scores, or stops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -90,7 +89,7 @@ def fit(
     sinks = build_sinks(
         run_dir, runtime.is_main, purge_step, pictures.train_batch if pictures else None
     )
-    with stop_on_signals() as stop, contextlib.closing(sinks):
+    with stop_on_signals() as stop, sinks:
         _report_setup(cfg, cfg_dict, c, state, sinks)
         pauses = Pauses(stop, runtime, cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
         while state.epoch < cfg.trainer.epochs and not pauses.at_max_steps(state):

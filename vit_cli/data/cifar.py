@@ -8,8 +8,10 @@ unpickled allowing numeric arrays only, and the archive is extracted inside data
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import pickle
+import pickletools
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -87,9 +89,28 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _check_sizes(data: bytes) -> None:
+    """Raise ValueError where the pickle `data` states a size its bytes do not hold.
+
+    The unpickler allocates what a length field or a memo index says before it reads on: a
+    damaged byte could make it claim up to 2**63 bytes. pickletools walks the opcodes
+    without allocating, and raises ValueError for a length beyond the end of the data.
+    """
+    opcodes = list(pickletools.genops(data))
+    for opcode, arg, position in opcodes:
+        if opcode.name.endswith("PUT") and arg > len(opcodes):
+            raise ValueError(f"a memo index of {arg} at byte {position}, beyond its objects")
+
+
 def _read_batch(path: Path) -> dict:
-    with path.open("rb") as f:
-        entry = _BatchUnpickler(f, encoding="latin1").load()
+    data = path.read_bytes()
+    _check_sizes(data)
+    try:
+        entry = _BatchUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # only the allowed globals run: a damaged file's calls fail
+        raise ValueError(f"{type(e).__name__}: {e}") from e
     if not isinstance(entry, dict):
         raise ValueError(f"it holds a {type(entry).__name__}, not a dict")
     return entry
