@@ -54,10 +54,10 @@ MODELS = ["vit", "deit", "swin"]
 DATA = ["digits", "fake", "cifar10", "fashion_mnist", "imagefolder"]
 
 # Examples in the default suite and in the slow run, per test. Composing a config takes
-# Hydra about 0.13 s and a vit-eval case 0.3 s, a vit-predict case a tenth of that: the
-# slow run's 5,000 override cases lean on vit-predict to stay within a few minutes.
-FEW = {"train": 150, "eval": 25, "predict": 25, "file": 60}
-MANY = {"train": 1000, "eval": 150, "predict": 3850, "file": 1000}
+# Hydra about 0.15 s and a vit-eval case 0.3 s, a vit-predict case 10 ms: the slow run's
+# 5,000 override cases lean on vit-predict to stay within two minutes.
+FEW = {"train": 80, "eval": 15, "predict": 25, "file": 60}
+MANY = {"train": 400, "eval": 60, "predict": 4540, "file": 1000}
 
 # A hang has no end: an example that runs this long has one. Far above any honest case on
 # a loaded host, so that a slow machine does not fail here.
@@ -281,6 +281,7 @@ def test_predict_arguments(tiny_run, few=FEW):
 @pytest.mark.slow
 def test_predict_arguments_thousands(tiny_run):
     test_predict_arguments(tiny_run, MANY)
+    assert cases["vit-predict arguments"] >= MANY["predict"]
     total = cases["train overrides"] + cases["vit-eval arguments"] + cases["vit-predict arguments"]
     print(f"vit-predict: {cases['vit-predict arguments']} argument cases; {total} in all so far")
 
