@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from timing import (
     ratios,
     run_script,
     take_turns,
+    torchrun_command,
 )
 
 
@@ -132,7 +132,6 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     device = resolve_device(args.device or cfg.device)
     cuda = device.type == "cuda"
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     script = [str(Path(__file__).resolve()), *args.overrides, f"--warmup={args.warmup}",
               f"--windows={args.windows}", f"--steps-per-window={args.steps_per_window}",
               f"--in-chans={args.in_chans}", f"--num-classes={args.num_classes}"]  # fmt: skip
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     setups = {
         "one": ([sys.executable, *script, f"data.batch_size={global_batch}"], threads * nproc),
         "ddp": (
-            [*torchrun.split(), "--standalone", f"--nproc_per_node={nproc}", *script,
+            [*torchrun_command(), "--standalone", f"--nproc_per_node={nproc}", *script,
              f"data.batch_size={global_batch // nproc}"],
             threads,
         ),

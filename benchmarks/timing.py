@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -68,6 +69,12 @@ def describe_host(info: Mapping[str, Any]) -> str:
         f"{info['device_name']} ({info['device']}), torch {info['torch']}, "
         f"{info['threads']} threads"
     )
+
+
+def torchrun_command() -> list[str]:
+    """torchrun as installed, or the module it runs when its script is not on PATH."""
+    found = shutil.which("torchrun")
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
 def make_console() -> Console:

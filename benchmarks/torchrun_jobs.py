@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -30,6 +29,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+# benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
+from timing import torchrun_command
 
 HERE = Path(__file__).resolve().parent
 TINY = ["data=digits", "data.batch_size=32", "model.embed_dim=32", "model.depth=2",
@@ -56,11 +58,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.jobs < 1 or args.nproc < 2 or args.timeout <= 0:
         parser.error("--jobs must be at least 1, --nproc at least 2, --timeout positive")
     return args
-
-
-def torchrun() -> list[str]:
-    found = shutil.which("torchrun")
-    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run_job(
@@ -102,7 +99,12 @@ def main(argv: list[str]) -> int:
                 program.append(f"hydra.run.dir={cwd / 'run'}")
             else:
                 program.append(f"--ddp-worker={cwd / 'report.json'}")
-            command = [*torchrun(), "--standalone", f"--nproc_per_node={args.nproc}", *program]
+            command = [
+                *torchrun_command(),
+                "--standalone",
+                f"--nproc_per_node={args.nproc}",
+                *program,
+            ]
             outcome, took, tail = run_job(command, cwd, env, args.timeout)
             counts[name][outcome] += 1
             seconds[name].append(took)

@@ -30,13 +30,14 @@ def optional_at_least(key: str, value: Any, low: int) -> Check:
     return key, value, value is None or value >= low, f"null or at least {low}"
 
 
-# A batch size reaches libraries as a C integer (itertools.islice, a tensor's shape).
-MAX_BATCH = 2**31 - 1
+# A batch size, or another count of images or processes, reaches libraries as a C integer
+# (itertools.islice, a tensor's shape, a DataLoader's workers).
+MAX_COUNT = 2**31 - 1
 
 
 def batch_size(key: str, value: Any, optional: bool = False) -> Check:
-    ok = (optional and value is None) or (value is not None and 1 <= value <= MAX_BATCH)
-    return key, value, ok, ("null or " if optional else "") + f"from 1 to {MAX_BATCH}"
+    ok = (optional and value is None) or (value is not None and 1 <= value <= MAX_COUNT)
+    return key, value, ok, ("null or " if optional else "") + f"from 1 to {MAX_COUNT}"
 
 
 def positive(key: str, value: Any) -> Check:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vit_cli.cli import add_model_options, reported_errors
+from vit_cli.config import MAX_COUNT
 from vit_cli.host_memory import choose_freed_memory
 
 USAGE_EXAMPLES = """examples:
@@ -61,12 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "training run's data.max_image_pixels, 67,108,864)",
     )
     args = parser.parse_args(argv)
-    # Counts of images and processes: a C int at most, as the libraries that take them expect.
-    most = 2**31 - 1
     limits = {
-        "topk": (1, most),
-        "batch_size": (1, most),
-        "workers": (0, most),
+        "topk": (1, MAX_COUNT),
+        "batch_size": (1, MAX_COUNT),
+        "workers": (0, MAX_COUNT),
         "max_pixels": (1, None),
     }
     for name, (low, high) in limits.items():

@@ -84,11 +84,12 @@ def check_group_choices(args: list[str]) -> None:
     from hydra.errors import HydraException
 
     groups = {p.name for p in files("vit_cli.configs").iterdir() if p.is_dir()}
+    parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
-            override = OverridesParser.create().parse_override(arg)
+            override = parser.parse_override(arg)
         except HydraException:
             continue  # Hydra reports a line it cannot parse itself, as one message
         if override.is_sweep_override() or override.key_or_group not in groups:
