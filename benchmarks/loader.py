@@ -11,6 +11,19 @@ and the loader's img/s over the training step's (5x or more: not the bottleneck)
 Without CIFAR on disk (`--synthetic`, the default), random uint8 images in the real CIFAR
 batch format are written to a temporary folder and read through the real loader.
 
+With `--folder`, an image folder's loaders against timm's instead (no model): ours as
+vit-train builds them (`data.FileReader` per file, the batched collate step), timm's from
+`timm.data.create_dataset` and `create_transform` with the same crop scale and ratio, flip,
+bilinear interpolation and eval crop (0.875), no colour jitter, and default collation, both
+over every file of the folder. Each loader keeps its workers; a window first takes the
+batches its workers made while idle (2 per worker, not counted), then times
+`--batches-per-window`; the next window waits until the workers have made the backlog
+again. Images per second per worker, and ours over timm's (ratio of medians
+and median of the paired per-round ratios), for each of `--workers`:
+
+    python benchmarks/photo_folders.py /tmp/photos
+    python benchmarks/loader.py --folder /tmp/photos/camera --workers 1 2
+
 Examples:
     python benchmarks/loader.py                                  # experiment=vit_cifar10
     python benchmarks/loader.py experiment=vit_cifar10 data.augment.auto_augment=none
@@ -21,14 +34,17 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.table import Table
+from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from vit_cli.composition import compose_train_config
@@ -40,7 +56,16 @@ from vit_cli.precision import resolve_precision
 from vit_cli.runtime import resolve_device
 
 # benchmarks/timing.py, found as a sibling: Python puts a script's folder first on sys.path.
-from timing import Timed, describe_host, host, make_console, make_train_step, measure
+from timing import (
+    Timed,
+    describe_host,
+    host,
+    make_console,
+    make_train_step,
+    measure,
+    ratios,
+    rotated,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,6 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batches-per-window", type=int, default=10, help="loader batches")
     parser.add_argument("--steps-per-window", type=int, default=3, help="training steps")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    folder = parser.add_argument_group("image folder against timm (--folder)")
+    folder.add_argument("--folder", type=Path, help="a folder of class folders of images")
+    folder.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    folder.add_argument("--img-size", type=int, default=224)
+    folder.add_argument("--folder-batch", type=int, default=16, help="images per batch")
+    folder.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0])
     args = parser.parse_intermixed_args(argv)
     if not args.overrides:
         args.overrides = ["experiment=vit_cifar10"]
@@ -94,10 +125,121 @@ def endless(loader, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, 
         epoch += 1
 
 
+def folder_loaders(args: argparse.Namespace, workers: int) -> dict[str, DataLoader]:
+    """Ours and timm's train and eval loaders over every image of `args.folder`."""
+    from timm.data import create_dataset, create_transform
+
+    from vit_cli.data import FileReader, ImageFiles, SkipCounter
+    from vit_cli.data._shared import Splits, loaders
+
+    size, scale, ratio, crop_pct = args.img_size, tuple(args.crop_scale), (3 / 4, 4 / 3), 0.875
+    cfg = compose_train_config(
+        [
+            "data=imagefolder",
+            f"data.root={args.folder}",
+            f"data.img_size={size}",
+            "data.in_chans=3",
+            f"data.batch_size={args.folder_batch}",
+            f"data.num_workers={workers}",
+            f"data.augment.crop_scale=[{scale[0]},{scale[1]}]",
+            "data.augment.hflip=0.5",
+            f"data.augment.eval_crop_ratio={crop_pct}",
+        ]
+    )
+    samples = create_dataset("", root=str(args.folder)).reader.samples  # (path, label)
+    pixels = cfg.data.max_image_pixels
+
+    def ours(train: bool) -> ImageFiles:
+        reader = FileReader(size, 3, cfg.data.augment, train, pixels, cfg.data.dct_scaling)
+        return ImageFiles(samples, reader, SkipCounter())
+
+    splits = Splits(
+        ours(True), ours(False), [str(i) for i in range(1 + max(y for _, y in samples))]
+    )
+    ours_loaders = loaders(cfg.data, splits, size, torch.Generator())
+    common = dict(batch_size=args.folder_batch, num_workers=workers, persistent_workers=True)
+
+    def timm(train: bool) -> DataLoader:
+        transform = create_transform(
+            size, is_training=train, scale=scale, ratio=ratio, hflip=0.5, color_jitter=None,
+            interpolation="bilinear", crop_pct=crop_pct,
+        )  # fmt: skip
+        dataset = create_dataset("", root=str(args.folder), transform=transform)
+        return DataLoader(dataset, shuffle=train, drop_last=train, **common)
+
+    return {
+        "ours train": ours_loaders.train_loader,
+        "timm train": timm(True),
+        "ours eval": ours_loaders.val_loader,
+        "timm eval": timm(False),
+    }
+
+
+def time_loaders(
+    loaders: dict[str, DataLoader], workers: int, batches: int, windows: int
+) -> dict[str, list[float]]:
+    """Images per second per worker of each loader, one figure per window, rotating.
+
+    A window starts with every worker idle: a loader's workers refill its backlog after its
+    window (2 batches each), so the next window waits until they are done, or they would
+    take cores from it.
+    """
+    streams = {name: endless(loader, torch.Generator()) for name, loader in loaders.items()}
+    backlog = 2 * workers  # what the workers made while idle (prefetch_factor 2 each)
+    refill = {}  # seconds a loader's workers take to refill its backlog
+    for name, stream in streams.items():
+        start = time.perf_counter()
+        for _ in range(backlog + 1):  # start the workers, then let them fill the backlog
+            next(stream)
+        refill[name] = time.perf_counter() - start  # cold: more than a refill takes
+        time.sleep(refill[name])
+    rates: dict[str, list[float]] = {name: [] for name in streams}
+    for round_ in range(windows):
+        for name in rotated(list(streams), round_):
+            start = time.perf_counter()
+            images = 0
+            for i in range(backlog + batches):
+                batch = len(next(streams[name])[1])
+                images += batch if i >= backlog else 0
+            rate = images / (time.perf_counter() - start)
+            rates[name].append(rate / workers)
+            refill[name] = backlog * (images / batches) / rate
+            time.sleep(1.5 * refill[name] + 0.2)
+    return rates
+
+
+def compare_folders(args: argparse.Namespace, console) -> int:
+    console.print(f"{describe_host(host(torch.device('cpu')))}; {args.folder}")
+    table = Table()
+    for column in ("workers", "pipeline", "ours img/s/worker", "timm img/s/worker",
+                   "ours / timm", "paired ratios (median)"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for workers in args.workers:
+        rates = time_loaders(
+            folder_loaders(args, workers), workers, args.batches_per_window, args.windows
+        )
+        for pipeline in ("train", "eval"):
+            ours, timm = rates[f"ours {pipeline}"], rates[f"timm {pipeline}"]
+            paired = ratios(ours, timm)
+            table.add_row(
+                str(workers), pipeline, f"{statistics.median(ours):.1f}",
+                f"{statistics.median(timm):.1f}", f"{paired['ratio_of_medians']:.2f}x",
+                f"{paired['median_of_paired_ratios']:.2f}x",
+            )  # fmt: skip
+    console.print(
+        f"{args.img_size} px, crop scale {args.crop_scale}, batch {args.folder_batch}; "
+        f"medians of {args.windows} windows of {args.batches_per_window} batches"
+    )
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # as vit-train does
     console = make_console()
+    if args.folder is not None:
+        return compare_folders(args, console)
     cfg = compose_train_config(args.overrides)
     device = resolve_device(args.device)
     precision = resolve_precision(cfg.precision.name, device, cfg.precision.allow_tf32)

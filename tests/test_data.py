@@ -21,7 +21,7 @@ from torchvision import datasets
 
 from tests.conftest import TINY, run_command
 from vit_cli.checkpoint import load_checkpoint, save_checkpoint
-from vit_cli.config import AugmentConfig, DataConfig
+from vit_cli.config import AugmentConfig, DataConfig, validate
 from vit_cli.data import UNREADABLE, UnsupportedImage, build_data, prepare_data, read_image
 from vit_cli.data.cifar import CifarConfig
 from vit_cli.data.digits import cache_path, split_digits
@@ -29,6 +29,7 @@ from vit_cli.data.fake import FakeConfig
 from vit_cli.data.imagefolder import ImageFolderConfig
 from vit_cli.errors import UserError
 from vit_cli.eval_cli import main as eval_main
+from vit_cli.runtime import Runtime
 from vit_cli.trainer import fit
 
 
@@ -264,6 +265,29 @@ def test_unreadable_images_are_counted_across_loader_workers(tmp_path):
     _, labels = all_batches(data.train_loader)  # 6 batches of 2 files, over 2 processes
     assert len(labels) == 8
     assert data.skipped.take() == 4
+
+
+def test_auto_workers_are_the_cores_of_this_process_less_one_shared_on_the_machine(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert Runtime(torch.device("cpu")).loader_workers() == 15
+    assert Runtime(torch.device("cpu"), local_world_size=4).loader_workers() == 3
+    # Bound to cores of its own (srun --cpu-bind, taskset): they are this process's alone.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert Runtime(torch.device("cpu"), local_world_size=4).loader_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert Runtime(torch.device("cpu")).loader_workers() == 1  # never none
+
+    monkeypatch.undo()
+    write_pngs(tmp_path, "train", ["cat", "dog"], n=2)
+    write_pngs(tmp_path, "val", ["cat", "dog"], n=2)
+    data = build_data(folder_cfg(tmp_path, num_workers="auto"), 16, torch.Generator())
+    assert data.train_loader.num_workers == Runtime(torch.device("cpu")).loader_workers() >= 1
+    for bad in ("many", -1):
+        with pytest.raises(UserError, match="data.num_workers.*auto, or from 0 to"):
+            validate(folder_cfg(tmp_path, num_workers=bad))
 
 
 def test_a_batch_of_only_unreadable_images_is_empty_not_an_error(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageOps
 
 import vit_cli
 from tests.conftest import TINY
@@ -161,7 +161,7 @@ def test_onnx_weights_above_the_limit_go_to_a_data_file_beside_the_model(
 def preprocess_as_a_server(path: Path, spec: dict) -> np.ndarray:
     """The README's serving recipe: PIL and NumPy, from the JSON alone."""
     pre = spec["preprocessing"]
-    image = Image.open(path).convert(pre["color_mode"])
+    image = ImageOps.exif_transpose(Image.open(path)).convert(pre["color_mode"])
     width, height = image.size
     short, crop = pre["resize_size"], pre["center_crop"]
     if width <= height:

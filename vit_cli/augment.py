@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,25 +23,71 @@ from vit_cli.config import AugmentConfig
 # ----------------------------------------------------------------------------- per image
 
 
-def image_transform(img_size: int, in_chans: int, aug: AugmentConfig, train: bool) -> v2.Compose:
-    """PIL image -> uint8 tensor (in_chans, img_size, img_size), before any batched op.
+class CropGeometry:
+    """Which part of an image becomes the model's img_size x img_size input.
 
-    Train: a random resized crop when `aug.crop_scale` is set. Eval (and train without
-    it): resize to img_size / eval_crop_ratio, then centre-crop img_size.
+    Train with `aug.crop_scale`: a random resized crop (torchvision's sampling: area share
+    in crop_scale, aspect ratio log-uniform in crop_ratio). Eval (and train without it):
+    resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
+
+    `box` works from an image's size alone, so that a decoder can decode no more pixels
+    than the box needs (`data._decode.read_crop`); `crop` cuts the box out and resizes it
+    in one antialiased bilinear step, with sub-pixel box edges.
     """
-    if train and aug.crop_scale is not None:
-        geometry = [
-            v2.RandomResizedCrop(
-                img_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), antialias=True
+
+    def __init__(self, img_size: int, aug: AugmentConfig, train: bool) -> None:
+        self.size = img_size
+        self.random = train and aug.crop_scale is not None
+        self.scale, self.ratio = aug.crop_scale, aug.crop_ratio
+        self.resize_to = round(img_size / (1.0 if train else aug.eval_crop_ratio))
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the crop in an image of width x height pixels."""
+        if self.random:
+            # Sampled from torch's global generator, as torchvision's RandomResizedCrop
+            # does; get_params reads only the size of the (empty) tensor.
+            top, left, h, w = transforms.RandomResizedCrop.get_params(
+                torch.empty(0, height, width), list(self.scale), list(self.ratio)
             )
-        ]
+            return float(left), float(top), float(left + w), float(top + h)
+        # As v2.Resize(resize_to) then v2.CenterCrop(size) would cut it, in the image's pixels.
+        short, long = sorted((width, height))
+        resized_long = int(self.resize_to * long / short)
+        new_w, new_h = (
+            (self.resize_to, resized_long) if width <= height else (resized_long, self.resize_to)
+        )
+        left = int(round((new_w - self.size) / 2.0)) * width / new_w
+        top = int(round((new_h - self.size) / 2.0)) * height / new_h
+        return left, top, left + self.size * width / new_w, top + self.size * height / new_h
+
+    def crop(self, image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+        return image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+
+
+def image_transform(
+    img_size: int, in_chans: int, aug: AugmentConfig, train: bool
+) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """An image in memory -> uint8 tensor (in_chans, img_size, img_size), before any batched
+    op. PIL images are cropped as image files are (`CropGeometry`); tensors (C, H, W) by
+    torchvision's v2 transforms with the same geometry."""
+    geometry = CropGeometry(img_size, aug, train)
+    to_channels = ToChannels(in_chans)
+    if geometry.random:
+        tensor_geometry = v2.RandomResizedCrop(
+            img_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), antialias=True
+        )
     else:
-        ratio = 1.0 if train else aug.eval_crop_ratio
-        geometry = [
-            v2.Resize(round(img_size / ratio), antialias=True),
-            v2.CenterCrop(img_size),
-        ]
-    return v2.Compose([ToChannels(in_chans), v2.ToImage(), *geometry])
+        tensor_geometry = v2.Compose(
+            [v2.Resize(geometry.resize_to, antialias=True), v2.CenterCrop(img_size)]
+        )
+
+    def transform(image: Image.Image | torch.Tensor) -> torch.Tensor:
+        image = to_channels(image)
+        if isinstance(image, Image.Image):
+            return TF.pil_to_tensor(geometry.crop(image, geometry.box(*image.size)))
+        return tensor_geometry(v2.ToImage()(image))
+
+    return transform
 
 
 def pil_mode(in_chans: int) -> str:
@@ -199,17 +246,28 @@ def random_shift(images: torch.Tensor, shift: int) -> torch.Tensor:
     """
     B, C, H, W = images.shape
     padded = F.pad(images, (shift, shift, shift, shift))  # (B, C, H + 2s, W + 2s)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, B))
-    rows = dy[:, None] + torch.arange(H)  # (B, H)
-    cols = dx[:, None] + torch.arange(W)  # (B, W)
-    batch = torch.arange(B)[:, None, None]
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, B)).to(images.device)
+    rows = dy[:, None] + torch.arange(H, device=images.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(W, device=images.device)  # (B, W)
+    batch = torch.arange(B, device=images.device)[:, None, None]
     crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return crops.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
 
 
 def random_hflip(images: torch.Tensor, p: float) -> torch.Tensor:
-    flip = torch.rand(images.shape[0]) < p
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    # Drawn on the CPU's generator wherever the images are (data.decode=device).
+    flip = (torch.rand(images.shape[0]) < p).to(images.device)
+    W = images.shape[-1]
+    out = torch.empty_like(images)
+    # A piece at a time (`cache_pieces`); a flip over rows of W pixels runs 7x faster than
+    # over the last axis of a 4-d tensor, and a piece of one image needs no select.
+    for source, target, flips in zip(*cache_pieces(images, out, flip), strict=True):
+        mirrored = source.reshape(-1, W).flip(-1).view(source.shape)
+        if len(source) == 1:
+            target.copy_(mirrored if bool(flips) else source)
+        else:
+            torch.where(flips[:, None, None, None], mirrored, source, out=target)
+    return out
 
 
 def random_erase(
@@ -235,6 +293,7 @@ def random_erase(
     in_cols = (xs >= left[:, None]) & (xs < (left + w)[:, None])  # (B, W)
     erase = torch.rand(B) < p
     mask = in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None]  # (B, H, W)
+    mask = mask.to(images.device)
     return torch.where(mask[:, None], torch.randn_like(images), images)
 
 
@@ -270,19 +329,46 @@ class BatchAugment:
             images = random_hflip(images, self.hflip)
         if self.auto is not None:
             images = self.auto(images)
-        # Pixels in [0, scale]; one float copy, then normalised in place, (x / scale - mean)
-        # / std in a single pass as (x - scale * mean) / (scale * std).
+        # Pixels in [0, scale]; normalised as (x - scale * mean) / (scale * std), which is
+        # (x / scale - mean) / std without a pass of its own.
         scale = 255.0 if images.dtype == torch.uint8 else 1.0
-        images = images.to(torch.float32, copy=True)
         if images.shape[-2:] != (self.img_size, self.img_size):
             images = F.interpolate(
-                images.div_(scale), (self.img_size, self.img_size), mode="bilinear", antialias=True
+                images.to(torch.float32, copy=True).div_(scale),
+                (self.img_size, self.img_size),
+                mode="bilinear",
+                antialias=True,
             )
             scale = 1.0
-        images = images.sub_(self.mean * scale).div_(self.std * scale)
+        images = self.normalised(images, scale)
         if self.erase_prob > 0:
             images = random_erase(images, self.erase_prob)
         return images
+
+    def normalised(self, images: torch.Tensor, scale: float) -> torch.Tensor:
+        """A float32 copy of `images`, normalised; on the CPU a few images at a time, which
+        keeps each piece in the core's cache through its three passes (convert, subtract,
+        divide): 3x faster than whole-batch passes for a batch of 224-pixel images."""
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        mean = (self.mean * scale).to(images.device)
+        std = (self.std * scale).to(images.device)
+        for source, target in zip(*cache_pieces(images, out), strict=True):
+            target.copy_(source).sub_(mean).div_(std)
+        return out
+
+
+# About half of a core's L2 cache (1-2 MiB on current x86 server cores).
+CACHE_PIECE_BYTES = 512 * 1024
+
+
+def cache_pieces(*batches: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each batch split along its first axis into pieces of as many images as fit in
+    CACHE_PIECE_BYTES (at least one) as float32; on a GPU, one piece."""
+    images = batches[0]
+    per_piece = len(images) or 1
+    if images.device.type == "cpu" and images[0:1].numel():
+        per_piece = max(1, CACHE_PIECE_BYTES // (4 * images[0].numel()))
+    return [batch.split(per_piece) for batch in batches]
 
 
 def build_batch_augment(

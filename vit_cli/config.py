@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 from omegaconf import MISSING
 
@@ -173,7 +173,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5])
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
-    num_workers: int = 0
+    # Loader processes, or "auto": the cores this process may use (its CPU affinity, shared
+    # with the job's other processes on the machine unless each is bound to its own), less
+    # one for the training process itself, and at least 1.
+    num_workers: Union[int, str] = 0
     # torch threads while a batch is augmented in the loading process (null: 1 when the
     # device is the CPU, where the model's threads hold the cores; else torch's count).
     augment_threads: Optional[int] = None
@@ -182,6 +185,14 @@ class DataConfig:
     shift: int = 0
     # Image files with more pixels are skipped as unreadable, before they are decoded.
     max_image_pixels: int = 8192 * 8192
+    # JPEG files are decoded at the smallest DCT scale (1, 1/2, 1/4 or 1/8 of their size)
+    # that leaves the crop at least img_size pixels each way: about 3x faster on
+    # 12-megapixel photos, the same crops (false: every file at full size).
+    dct_scaling: bool = True
+    # Where image files are decoded: "workers" (the loader processes, with PIL) or "device"
+    # (JPEGs a batch at a time on the training device: nvjpeg on a GPU; the workers only
+    # read the files).
+    decode: str = "workers"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def checks(self) -> list[Check]:
@@ -196,12 +207,14 @@ class DataConfig:
             (
                 "data.num_workers",
                 self.num_workers,
-                0 <= self.num_workers <= MAX_WORKERS,
-                f"from 0 to {MAX_WORKERS} (8 per CPU core here, and at least 64)",
+                self.num_workers == "auto"
+                or (isinstance(self.num_workers, int) and 0 <= self.num_workers <= MAX_WORKERS),
+                f"auto, or from 0 to {MAX_WORKERS} (8 per CPU core here, and at least 64)",
             ),
             optional_at_least("data.augment_threads", self.augment_threads, 1),
             not_negative("data.shift", self.shift),
             at_least("data.max_image_pixels", self.max_image_pixels, 1),
+            one_of("data.decode", self.decode, ("workers", "device")),
             *self.augment.checks(),
         ]
 

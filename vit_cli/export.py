@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
-from vit_cli.augment import ToChannels
+from vit_cli.augment import pil_mode
 from vit_cli.errors import UserError, no_space_error
 from vit_cli.inference import EvalTransform, eval_transform_of, read_for_inference
 from vit_cli.models.factory import model_from_checkpoint
@@ -373,7 +372,7 @@ def preprocessing_spec(
     if hasattr(model, "set_both_heads"):
         output["heads"] = "the mean of the class head's and the distillation head's logits"
     preprocessing = describe_eval_transform(transform)
-    # For the record: resize_size is round(img_size / eval_crop_ratio) (augment.image_transform).
+    # For the record: resize_size is round(img_size / eval_crop_ratio) (augment.CropGeometry).
     saved_augment = ckpt["config"]["data"].get("augment", {})
     preprocessing["eval_crop_ratio"] = saved_augment.get("eval_crop_ratio", 1.0)
     return {
@@ -396,26 +395,22 @@ def preprocessing_spec(
 
 def describe_eval_transform(transform: EvalTransform) -> dict:
     """The eval transform's steps as data, read from its own objects so that the JSON
-    follows the transform; a step not known here is an error, never left out."""
-    spec: dict = {}
-    for step in transform.image.transforms:
-        if isinstance(step, ToChannels):
-            spec["color_mode"] = step.mode  # PIL's mode: "L" (luma, ITU-R 601-2) or "RGB"
-            spec["in_chans"] = transform.in_chans
-        elif isinstance(step, v2.ToImage):
-            continue  # PIL image -> uint8 tensor (C, H, W): the pixels stay 0..255
-        elif isinstance(step, v2.Resize) and len(step.size) == 1 and step.max_size is None:
-            spec["resize_size"] = step.size[0]
-            spec["resize_edge"] = "shorter"  # the longer: int(resize_size * long / short)
-            spec["interpolation"] = getattr(step.interpolation, "value", step.interpolation)
-            spec["antialias"] = bool(step.antialias)
-        elif isinstance(step, v2.CenterCrop):
-            spec["center_crop"] = list(step.size)[0]
-        else:
-            raise RuntimeError(
-                f"vit-export cannot describe the eval step {step!r}; add it to "
-                "vit_cli.export.describe_eval_transform."
-            )
+    follows the transform."""
+    geometry = transform.file.geometry
+    if geometry.random:
+        raise RuntimeError("vit-export describes the eval transform, not a random crop.")
+    spec: dict = {
+        "color_mode": pil_mode(transform.in_chans),  # "L" (luma, ITU-R 601-2) or "RGB"
+        "in_chans": transform.in_chans,
+        "exif_orientation": "applied",
+        "resize_size": geometry.resize_to,
+        "resize_edge": "shorter",  # the longer: int(resize_size * long / short)
+        "interpolation": "bilinear",
+        "antialias": True,
+        "center_crop": geometry.size,
+        # JPEGs decoded at a reduced DCT scale where the crop keeps its size (PIL's draft).
+        "jpeg_dct_scaling": transform.file.dct_scaling,
+    }
     spec.update(
         img_size=transform.img_size,
         pixel_scale=255.0,
@@ -424,7 +419,8 @@ def describe_eval_transform(transform: EvalTransform) -> dict:
         max_image_pixels=transform.max_pixels,
     )
     spec["steps"] = [
-        f"open the image and convert it to PIL mode {spec['color_mode']}",
+        f"open the image, turn it upright by its EXIF orientation tag and convert it to PIL "
+        f"mode {spec['color_mode']}",
         f"resize its shorter side to {spec['resize_size']} pixels ({spec['interpolation']}, "
         f"antialias={spec['antialias']}), keeping the aspect ratio, on uint8 pixels",
         f"crop the centre {spec['center_crop']} x {spec['center_crop']} pixels",

@@ -1,7 +1,7 @@
 """Inference from a vit-train checkpoint: the model, its eval transform, and top-k predictions.
 
 The eval transform is the one the val split of image files goes through in training
-(`augment.image_transform` per image, then the batched `BatchAugment`), rebuilt from the
+(`data.FileReader` per file, then the batched `BatchAugment`), rebuilt from the
 checkpoint, so a file classified here is seen exactly as `vit-eval` sees it.
 """
 
@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from vit_cli.augment import build_batch_augment, image_transform
 from vit_cli.checkpoint import check_inference_fields, load_checkpoint
 from vit_cli.config import AugmentConfig, DataConfig
-from vit_cli.data import UNREADABLE, read_image
+from vit_cli.data import UNREADABLE, FileReader
 from vit_cli.errors import UserError
 from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.precision import Precision, resolve_precision
@@ -52,17 +52,27 @@ class EvalTransform:
         std: Sequence[float],
         eval_crop_ratio: float = 1.0,
         max_pixels: int = DataConfig.max_image_pixels,
+        dct_scaling: bool = DataConfig.dct_scaling,
     ) -> None:
         aug = AugmentConfig(eval_crop_ratio=eval_crop_ratio)
         self.img_size, self.in_chans = img_size, in_chans
         self.mean, self.std = list(mean), list(std)
-        self.max_pixels = max_pixels  # larger image files are refused before decoding
+        # Larger image files are refused before decoding.
+        self.file = FileReader(img_size, in_chans, aug, False, max_pixels, dct_scaling)
         self.image = image_transform(img_size, in_chans, aug, train=False)
         self.batch = build_batch_augment(aug, img_size, list(mean), list(std), shift=0, train=False)
 
+    @property
+    def max_pixels(self) -> int:
+        return self.file.max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: int) -> None:
+        self.file.max_pixels = value
+
     def read(self, path: str | Path) -> torch.Tensor:
-        """One image file as the val loader reads it (`data.read_image`), then `image`."""
-        return self.image(read_image(path, self.in_chans, self.max_pixels))
+        """One image file as the val loader reads it (`data.FileReader`)."""
+        return self.file(path)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """PIL images or tensors (C, H, W) or (B, C, H, W), uint8 or in [0, 1]."""
@@ -92,6 +102,7 @@ def eval_transform_of(ckpt: dict) -> EvalTransform:
         data["std"],
         saved.get("augment", {}).get("eval_crop_ratio", 1.0),
         saved.get("max_image_pixels", DataConfig.max_image_pixels),
+        saved.get("dct_scaling", DataConfig.dct_scaling),
     )
 
 

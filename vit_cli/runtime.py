@@ -72,11 +72,25 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    # The job's processes on this machine (torchrun's LOCAL_WORLD_SIZE).
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that decides the run folder and writes logs and checkpoints."""
         return self.rank == 0
+
+    def loader_workers(self) -> int:
+        """`data.num_workers=auto`: the cores this process may use, less one for itself.
+
+        Processes that may all use the same cores (torchrun without binding) share them: a
+        process bound to its own cores (srun --cpu-bind, taskset) has them to itself.
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+        if cores == (os.cpu_count() or cores):
+            cores //= self.local_world_size
+        return max(cores - 1, 1)
 
     @property
     def label(self) -> str:
@@ -211,7 +225,8 @@ def start_runtime(device_name: str, timeout_s: float) -> Iterator[Runtime]:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    runtime = Runtime(device, dist.get_rank(), dist.get_world_size())
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    runtime = Runtime(device, dist.get_rank(), dist.get_world_size(), local_world_size)
     try:
         yield runtime
     except Exception as e:

@@ -4,7 +4,8 @@ Each module of this package is one source (digits, cifar, mnist, imagefolder, fa
 `SOURCE = DataSource(schema=..., build=...)`; `configs/data/<name>.yaml` names the schema in
 its defaults (`/schema/data/<name>@_here_`). Adding a source is one module here and one YAML:
 `sources` finds the module, `composition.register_configs` stores its schema. Modules whose names
-start with `_` are not sources (`_shared`: image files, collate, loaders).
+start with `_` are not sources (`_shared`: collate, loaders; `_image_files` and `_decode`:
+image files).
 
 The source modules import torch when they build, and the shared parts load on first use,
 so that composing a config (`vit-train --help`, a misspelt key) stays fast.
@@ -114,11 +115,10 @@ def build_data(
     return replace(bundle, same_val_as_training=same_val)
 
 
-# Re-exported from _shared, which loads (with torch) on first use.
-_SHARED = (
-    "DataBundle", "ImageFiles", "MemoryImages", "SkipCounter", "Splits", "UNREADABLE",
-    "UnsupportedImage", "read_image",
-)  # fmt: skip
+# Re-exported from _shared, _image_files and _decode, which load on first use.
+_SHARED = ("DataBundle", "MemoryImages", "Splits")
+_IMAGE_FILES = ("FileReader", "ImageFiles", "SkipCounter")
+_DECODE = ("UNREADABLE", "UnsupportedImage", "read_image")
 
 
 def __getattr__(name: str) -> Any:
@@ -126,4 +126,12 @@ def __getattr__(name: str) -> Any:
         from vit_cli.data import _shared
 
         return getattr(_shared, name)
+    if name in _IMAGE_FILES:
+        from vit_cli.data import _image_files
+
+        return getattr(_image_files, name)
+    if name in _DECODE:
+        from vit_cli.data import _decode
+
+        return getattr(_decode, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

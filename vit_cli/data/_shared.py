@@ -1,5 +1,5 @@
-"""What every data source shares: image files, images in memory, the batch collate step, the
-class-stratified hold-out and the loaders.
+"""What every data source shares: images in memory, the batch collate step, the
+class-stratified hold-out and the loaders (image files: `_image_files`).
 
 Every dataset yields images of one size as uint8 (or [0, 1] float) tensors; the loader's
 collate step (`Collate` + `BatchAugment`) augments and normalises a whole batch at once.
@@ -10,30 +10,27 @@ batch is taken from them with one indexing operation: no decoding and no Python 
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from vit_cli.augment import BatchAugment, build_batch_augment, pil_mode
+from vit_cli.augment import BatchAugment, build_batch_augment
 from vit_cli.config import DataConfig
+from vit_cli.data._device_decode import DecodedLoader, DeviceDecoder, EncodedCollate
+from vit_cli.data._image_files import SkipCounter
+from vit_cli.errors import UserError
 from vit_cli.runtime import Runtime
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class DataBundle:
-    train_loader: DataLoader
+    train_loader: DataLoader  # or a DecodedLoader (data.decode=device), which acts as one
     val_loader: DataLoader
     num_classes: int
     in_chans: int
@@ -114,115 +111,6 @@ def split_each_class(
 # ----------------------------------------------------------------------------- loading
 
 
-class SkipCounter:
-    """Counts unreadable images across loader workers, in shared memory.
-
-    Each worker adds to its own slot, so no two processes write the same number. The first
-    unreadable file is named in a warning; later ones are only counted.
-    """
-
-    def __init__(self) -> None:
-        self.counts = torch.zeros(65, dtype=torch.int64).share_memory_()
-        self.warned = torch.zeros(1, dtype=torch.bool).share_memory_()
-
-    def add(self, path: str, error: Exception) -> None:
-        info = get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (len(self.counts) - 1)
-        self.counts[slot] += 1
-        if not bool(self.warned):
-            self.warned.fill_(True)
-            log.warning(
-                "unreadable image %s skipped (%s: %s); further ones are counted in the log "
-                "and in TensorBoard's data/skipped_images",
-                path, type(error).__name__, error,
-            )  # fmt: skip
-
-    def take(self) -> int:
-        """How many were skipped since the last call."""
-        total = int(self.counts.sum())
-        self.counts.zero_()
-        return total
-
-
-# What PIL raises for an unreadable file: OSError when it is truncated or not an image,
-# SyntaxError for a broken header, DecompressionBombError (a ValueError subclass in newer
-# Pillow) for a huge one.
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class UnsupportedImage(ValueError):
-    """An image file vit_cli refuses to decode: too many pixels, or a pixel format it would
-    get wrong. One of UNREADABLE, so it is skipped and counted like a corrupt file."""
-
-
-def read_image(path: str | Path, in_chans: int, max_pixels: int) -> Image.Image:
-    """Decode an image file in the model's channels ("L" or "RGB"); raises UNREADABLE.
-
-    An image of more than `max_pixels` is refused before it is decoded (Pillow's own limit,
-    about 179 million, would let a 12,000 x 12,000 PNG take 2.7 GB). 16-bit grayscale keeps
-    its top 8 bits (PIL's own conversion clips it to white); 32-bit integer and floating
-    point images are refused, since their range is unknown.
-    """
-    with Image.open(path) as image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise UnsupportedImage(
-                f"{width}x{height} = {width * height:,} pixels, above the limit of "
-                f"{max_pixels:,} (data.max_image_pixels; vit-predict --max-pixels)"
-            )
-        if image.mode.startswith("I;16"):
-            high_bytes = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-            return Image.fromarray(high_bytes, "L").convert(pil_mode(in_chans))
-        if image.mode in ("I", "F"):
-            kind = "floating-point" if image.mode == "F" else "32-bit integer"
-            raise UnsupportedImage(
-                f"{kind} pixels (PIL mode {image.mode}) have no fixed range; save the image "
-                "with 8 or 16 bits per channel"
-            )
-        return image.convert(pil_mode(in_chans))
-
-
-class ImageFiles(Dataset):
-    """(path, label) pairs read with PIL; an unreadable file yields None and is counted.
-
-    `unreadable[i]` (shared with loader workers) marks sample i once it failed to read, so
-    that vit-eval can name the files behind its per-image predictions.
-    """
-
-    def __init__(
-        self,
-        samples: list[tuple[str, int]],
-        in_chans: int,
-        transform,
-        skipped: SkipCounter,
-        max_pixels: int,
-    ) -> None:
-        self.samples = samples
-        self.in_chans = in_chans
-        self.max_pixels = max_pixels
-        self.transform = transform
-        self.skipped = skipped
-        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        path, label = self.samples[i]
-        try:
-            image = read_image(path, self.in_chans, self.max_pixels)
-        except UNREADABLE as e:
-            self.skipped.add(path, e)
-            self.unreadable[i] = True
-            return None
-        return self.transform(image), label
-
-    def read_paths(self) -> list[str]:
-        """The paths of the samples read so far without error, in order."""
-        unreadable = self.unreadable.tolist()
-        return [path for (path, _), bad in zip(self.samples, unreadable, strict=True) if not bad]
-
-
 # Seconds to wait on the network when fetching a dataset, so that an offline machine fails fast.
 DOWNLOAD_TIMEOUT = 30.0
 
@@ -284,6 +172,18 @@ class Collate:
 # ----------------------------------------------------------------------------- loaders
 
 
+def _check_device_decoding(cfg: DataConfig, splits: Splits) -> None:
+    from vit_cli.data._device_decode import BytesReader
+
+    if not all(
+        isinstance(getattr(s, "reader", None), BytesReader) for s in (splits.train, splits.val)
+    ):
+        raise UserError(
+            f"data.decode=device decodes image files; data={cfg.name} holds its images in "
+            "memory or decodes them itself. Leave data.decode at workers."
+        )
+
+
 def loaders(
     cfg: DataConfig,
     splits: Splits,
@@ -295,7 +195,7 @@ def loaders(
     """The train/val loaders of `splits`, batched, augmented and normalised as `cfg` says."""
     runtime = runtime or Runtime(torch.device("cpu"))
     shape = (cfg.in_chans, img_size, img_size)
-    workers = cfg.num_workers
+    workers = runtime.loader_workers() if cfg.num_workers == "auto" else cfg.num_workers
     threads = cfg.augment_threads
     if threads is None and runtime.device.type == "cpu":
         threads = 1
@@ -304,6 +204,11 @@ def loaders(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
     )
+    train_augment = build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True)
+    val_augment = build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False)
+    on_device = cfg.decode == "device"
+    if on_device:
+        _check_device_decoding(cfg, splits)
     train_sampler = runtime.train_sampler(len(splits.train), generator, cfg.augment.repeats)
     train_loader = DataLoader(
         splits.train,
@@ -311,24 +216,24 @@ def loaders(
         sampler=train_sampler,
         drop_last=len(train_sampler) > cfg.batch_size,
         generator=generator,
-        collate_fn=Collate(
-            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, cfg.shift, True),
-            shape,
-            threads,
-        ),
+        collate_fn=EncodedCollate() if on_device else Collate(train_augment, shape, threads),
         **common,
     )
     val_loader = DataLoader(
         splits.val,
         batch_size=cfg.eval_batch_size or cfg.batch_size,
         sampler=runtime.eval_sampler(len(splits.val)),
-        collate_fn=Collate(
-            build_batch_augment(cfg.augment, img_size, cfg.mean, cfg.std, 0, False),
-            shape,
-            threads,
-        ),
+        collate_fn=EncodedCollate() if on_device else Collate(val_augment, shape, threads),
         **common,
     )
+    if on_device:
+        C, device, skipped = cfg.in_chans, runtime.device, splits.skipped
+        train_loader = DecodedLoader(
+            train_loader, DeviceDecoder(img_size, C, train_augment, device, skipped)
+        )
+        val_loader = DecodedLoader(
+            val_loader, DeviceDecoder(img_size, C, val_augment, device, skipped)
+        )
     return DataBundle(
         train_loader,
         val_loader,

@@ -15,7 +15,8 @@ from vit_cli.data import DataSource
 from vit_cli.errors import UserError
 
 if TYPE_CHECKING:
-    from vit_cli.data._shared import ImageFiles, Splits
+    from vit_cli.data._image_files import ImageFiles
+    from vit_cli.data._shared import Splits
 
 
 @dataclass
@@ -111,8 +112,9 @@ def _class_files(cfg: ImageFolderConfig) -> tuple[dict[str, list[str]], dict[str
 
 def build(cfg: ImageFolderConfig, img_size: int) -> Splits:
     """Class folders under `root/train` and `root/val`, or under `root` split by val_fraction."""
-    from vit_cli.augment import image_transform
-    from vit_cli.data._shared import ImageFiles, SkipCounter, Splits
+    from vit_cli.data._device_decode import BytesReader
+    from vit_cli.data._image_files import FileReader, ImageFiles, SkipCounter
+    from vit_cli.data._shared import Splits
 
     train_files, val_files = _class_files(cfg)
     class_names = list(train_files)
@@ -127,8 +129,13 @@ def build(cfg: ImageFolderConfig, img_size: int) -> Splits:
 
     def dataset(files: dict[str, list[str]], train: bool) -> ImageFiles:
         samples = [(path, index[name]) for name, paths in files.items() for path in paths]
-        transform = image_transform(img_size, cfg.in_chans, cfg.augment, train)
-        return ImageFiles(samples, cfg.in_chans, transform, skipped, cfg.max_image_pixels)
+        if cfg.decode == "device":
+            reader = BytesReader(img_size, cfg.in_chans, cfg.augment, train, cfg.max_image_pixels)
+        else:
+            reader = FileReader(
+                img_size, cfg.in_chans, cfg.augment, train, cfg.max_image_pixels, cfg.dct_scaling
+            )
+        return ImageFiles(samples, reader, skipped)
 
     return Splits(dataset(train_files, True), dataset(val_files, False), class_names, skipped)
 
