@@ -12,9 +12,9 @@ them, rescaled and saved as a JPEG at a random quality from 75 to 95:
 
 Class k is photograph k mod P with a colour cast of its own, so that a model can learn the
 classes and a training run on a folder means something. The camera images get Gaussian noise
-(sigma 5 grey levels): an upscaled photograph without it compresses to a fraction of a real
-camera file, and its entropy decoding (which a reduced-scale decode still does in full)
-would cost too little. Hold out val with data.val_fraction=0.1.
+(sigma 5 grey levels, `--camera-noise`): an upscaled photograph without it compresses to a
+fraction of a real camera file, and its entropy decoding (which a reduced-scale decode
+still does in full) would cost too little. Hold out val with data.val_fraction=0.1.
 
     python benchmarks/photo_folders.py /tmp/photos
     vit-train data=imagefolder data.root=/tmp/photos/camera data.val_fraction=0.1 ...
@@ -23,6 +23,7 @@ would cost too little. Hold out val with data.val_fraction=0.1.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -78,11 +79,14 @@ def imagenet_size_image(photo: np.ndarray, gains: np.ndarray, rng, portrait: boo
     return Image.fromarray(tinted(resized, gains).astype(np.uint8))
 
 
-def camera_image(photo: np.ndarray, gains: np.ndarray, rng, portrait: bool) -> Image.Image:
+def camera_image(
+    photo: np.ndarray, gains: np.ndarray, rng, portrait: bool, noise: float = 5.0
+) -> Image.Image:
     size = CAMERA_SIZE[::-1] if portrait else CAMERA_SIZE
     resized = random_crop(photo, rng, portrait).resize(size, Image.BICUBIC)
     pixels = tinted(resized, gains)
-    pixels += rng.normal(0.0, 5.0, size=pixels.shape).astype(np.float32)
+    if noise > 0:
+        pixels += rng.normal(0.0, noise, size=pixels.shape).astype(np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder to write imagenet_size/ and camera/ into")
     parser.add_argument("--imagenet-count", type=int, default=1000)
     parser.add_argument("--camera-count", type=int, default=200)
+    parser.add_argument(
+        "--camera-noise", type=float, default=5.0, help="sigma of the camera images' noise"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("imagenet_size", "camera"):
@@ -121,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.out / name} exists: remove it or choose another folder")
     rng = np.random.default_rng(args.seed)
     write_folder(args.out / "imagenet_size", args.imagenet_count, imagenet_size_image, rng, False)
-    write_folder(args.out / "camera", args.camera_count, camera_image, rng, True)
+    camera = functools.partial(camera_image, noise=args.camera_noise)
+    write_folder(args.out / "camera", args.camera_count, camera, rng, True)
     for name in ("imagenet_size", "camera"):
         files = list((args.out / name).rglob("*.jpg"))
+        if not files:
+            continue
         mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
         print(f"{args.out / name}: {len(files)} JPEGs, {mb:.2f} MB each on average")
     return 0
