@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY
@@ -308,6 +309,25 @@ def test_loader_script_prints_loader_and_training_img_per_s_and_their_ratio(tmp_
     assert "synthetic CIFAR-format data (50 random 32x32 images)" in stdout
     assert "loader" in stdout and "training" in stdout
     assert "ratio: the loader is" in stdout
+
+
+@pytest.mark.slow
+def test_photo_folders_then_the_loader_against_timms_on_them(tmp_path):
+    printed = run_script(
+        tmp_path, "photo_folders.py", str(tmp_path / "photos"), "--imagenet-count=40",
+        "--camera-count=4",
+    )  # fmt: skip
+    assert "imagenet_size: 40 JPEGs" in printed and "camera: 4 JPEGs" in printed
+    with Image.open(tmp_path / "photos" / "camera" / "c3" / "00003.jpg") as portrait:
+        assert portrait.size == (4032, 3024)  # stored on its side, EXIF turns it upright
+        assert portrait.getexif().get(0x0112) in (6, 8)
+    stdout = run_script(
+        tmp_path, "loader.py", f"--folder={tmp_path / 'photos' / 'imagenet_size'}",
+        "--workers", "1", "--windows=2", "--batches-per-window=1", "--folder-batch=4",
+        "--img-size=32",
+    )  # fmt: skip
+    rows = [line for line in stdout.splitlines() if re.search(r"\b(train|eval)\b", line)]
+    assert len(rows) == 2 and all(re.search(r"\d+\.\d\dx", row) for row in rows)
 
 
 @pytest.mark.slow
