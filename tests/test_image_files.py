@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_image
+from torchvision.transforms import RandomResizedCrop
 
-from vit_cli.augment import CropGeometry
+from vit_cli.augment import CropGeometry, random_resized_box
 from vit_cli.config import AugmentConfig
 from vit_cli.data import UNREADABLE, FileReader, ImageFiles, SkipCounter, UnsupportedImage
 from vit_cli.data._decode import ORIENTATION, UPRIGHT, _dct_scale
@@ -53,6 +54,29 @@ def test_dct_scale_is_the_largest_reduction_that_keeps_the_crop_at_the_model_siz
     assert _dct_scale((0, 0, 1791, 1800), 224) == 4
     assert _dct_scale((10, 10, 458, 600), 224) == 2
     assert _dct_scale((0, 0, 447, 4000), 224) == 1  # one side too short decides
+
+
+def test_random_resized_boxes_are_drawn_as_torchvisions_random_resized_crop():
+    width, height, scale, ratio = 500, 375, [0.08, 1.0], [3 / 4, 4 / 3]
+    torch.manual_seed(0)
+    ours = np.array([random_resized_box(width, height, scale, ratio) for _ in range(4000)])
+    torch.manual_seed(1)
+    theirs = np.array(
+        [RandomResizedCrop.get_params(torch.empty(0, height, width), scale, ratio)
+         for _ in range(4000)]
+    )[:, [1, 0, 3, 2]]  # (top, left, h, w) -> (left, top, w, h)  # fmt: skip
+    for boxes in (ours, theirs):
+        assert (boxes[:, 0] + boxes[:, 2] <= width).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= height).all()
+
+    def summary(boxes):  # noqa: E306
+        area = boxes[:, 2] * boxes[:, 3] / (width * height)
+        log_ratio = np.log(boxes[:, 2] / boxes[:, 3])
+        return [*np.quantile(area, [0.1, 0.5, 0.9]), log_ratio.mean(), log_ratio.std()]
+
+    np.testing.assert_allclose(summary(ours), summary(theirs), atol=0.02)
+    # No box of the ratios fits a strip: the largest centred one of a ratio in range.
+    assert random_resized_box(10, 1000, [0.9, 1.0], ratio) == (0, 493, 10, 13)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

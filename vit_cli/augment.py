@@ -9,12 +9,11 @@ TrivialAugment runs torchvision's transform one image at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -26,8 +25,8 @@ from vit_cli.config import AugmentConfig
 class CropGeometry:
     """Which part of an image becomes the model's img_size x img_size input.
 
-    Train with `aug.crop_scale`: a random resized crop (torchvision's sampling: area share
-    in crop_scale, aspect ratio log-uniform in crop_ratio). Eval (and train without it):
+    Train with `aug.crop_scale`: a random resized crop (`random_resized_box`: area share
+    in crop_scale, aspect ratio log-uniform in crop_ratio, as torchvision samples it). Eval (and train without it):
     resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
 
     `box` works from an image's size alone, so that a decoder can decode no more pixels
@@ -44,11 +43,7 @@ class CropGeometry:
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """(left, top, right, bottom) of the crop in an image of width x height pixels."""
         if self.random:
-            # Sampled from torch's global generator, as torchvision's RandomResizedCrop
-            # does; get_params reads only the size of the (empty) tensor.
-            top, left, h, w = transforms.RandomResizedCrop.get_params(
-                torch.empty(0, height, width), list(self.scale), list(self.ratio)
-            )
+            left, top, w, h = random_resized_box(width, height, self.scale, self.ratio)
             return float(left), float(top), float(left + w), float(top + h)
         # As v2.Resize(resize_to) then v2.CenterCrop(size) would cut it, in the image's pixels.
         short, long = sorted((width, height))
@@ -62,6 +57,38 @@ class CropGeometry:
 
     def crop(self, image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
         return image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+
+
+def random_resized_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], attempts: int = 10
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random resized crop, drawn as torchvision's RandomResizedCrop
+    draws it: an area share uniform in `scale` and an aspect ratio log-uniform in `ratio`,
+    retried while the box does not fit, then the largest centred box of a ratio in range.
+
+    The uniforms come from torch's global generator (seeded per loader worker) in one draw:
+    torchvision's dozen small tensor ops per box cost a tenth of a small JPEG's decoding.
+    """
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    draws = torch.rand(4 * attempts).tolist()
+    for u_area, u_ratio, u_top, u_left in zip(*[iter(draws)] * 4, strict=True):
+        target = area * (scale[0] + u_area * (scale[1] - scale[0]))
+        aspect = math.exp(log_low + u_ratio * (log_high - log_low))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u_top * (height - h + 1)), height - h)
+            left = min(int(u_left * (width - w + 1)), width - w)
+            return left, top, w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
 def image_transform(
