@@ -25,7 +25,13 @@ from PIL import Image, ImageOps
 from vit_cli.cli import reported_errors
 from vit_cli.config import DataConfig
 from vit_cli.console import on_terminal
-from vit_cli.data._decode import UNREADABLE, check_pixels, exif_orientation, is_jpeg
+from vit_cli.data._decode import (
+    UNREADABLE,
+    check_pixels,
+    exif_orientation,
+    is_jpeg,
+    upright_size,
+)
 from vit_cli.errors import UserError
 
 USAGE_EXAMPLES = """examples:
@@ -356,7 +362,6 @@ def upright_and_resized(job: Job) -> tuple[Image.Image | None, dict]:
         fmt = "JPEG" if is_jpeg(image) else image.format
         orientation = exif_orientation(image)
         turns = orientation != 1
-        swaps_sides = orientation in range(5, 9)
         shrinks = min(width, height) > n
         if fmt == "JPEG" and shrinks:
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than the size asked for.
@@ -373,7 +378,7 @@ def upright_and_resized(job: Job) -> tuple[Image.Image | None, dict]:
             # Pillow resizes these with NEAREST only; grey or colour values average well.
             alpha = image.mode == "PA" or "transparency" in image.info
             image = image.convert("L" if image.mode == "1" else "RGBA" if alpha else "RGB")
-        size = short_side_size((height, width) if swaps_sides else (width, height), n)
+        size = short_side_size(upright_size((width, height), orientation), n)
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
     if fmt == "JPEG" and image.mode == "CMYK":
         # Its ICC profile is a CMYK one; vit-train reads RGB anyway.

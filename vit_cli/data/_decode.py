@@ -69,6 +69,12 @@ def exif_orientation(image: Image.Image) -> int:
     return orientation if orientation in UPRIGHT else 1
 
 
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of the stored pixels -> of the image as a viewer shows it."""
+    width, height = size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def is_jpeg(image: Image.Image) -> bool:
     # Phones write MPO: a JPEG with more pictures after it (depth, an HDR gain map).
     return image.format in ("JPEG", "MPO")
@@ -130,6 +136,16 @@ def stored_box(
     return left, top, right, bottom
 
 
+def crop_box(
+    image: Image.Image, geometry: CropGeometry
+) -> tuple[tuple[float, float, float, float], int]:
+    """The box `geometry` draws on an opened image, upright, as a box of its stored pixels;
+    and the image's EXIF orientation."""
+    orientation = exif_orientation(image)
+    upright_box = geometry.box(*upright_size(image.size, orientation))
+    return stored_box(upright_box, orientation, *image.size), orientation
+
+
 def _dct_scale(box: tuple[float, float, float, float], size: int) -> int:
     """The largest reduction at which the box still spans `size` pixels each way."""
     left, top, right, bottom = box
@@ -148,9 +164,7 @@ def read_crop(
     with Image.open(path) as image:
         check_pixels(image, max_pixels)
         width, height = image.size
-        orientation = exif_orientation(image)
-        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        box = stored_box(geometry.box(*upright), orientation, width, height)
+        box, orientation = crop_box(image, geometry)
         scale = _dct_scale(box, geometry.size) if dct_scaling and is_jpeg(image) else 1
         if scale > 1:
             image.draft(None, (width // scale, height // scale))

@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from vit_cli.augment import BatchAugment, CropGeometry
 from vit_cli.config import AugmentConfig
-from vit_cli.data._decode import check_pixels, exif_orientation, is_jpeg, stored_box
+from vit_cli.data._decode import check_pixels, crop_box, is_jpeg
 from vit_cli.data._image_files import FileReader, SkipCounter
 
 
@@ -55,13 +55,11 @@ class BytesReader:
         with Image.open(path) as image:
             check_pixels(image, self.max_pixels)
             on_device = is_jpeg(image) and image.mode in ("L", "RGB")
-            width, height = image.size
-            orientation = exif_orientation(image)
+            if on_device:
+                box, orientation = crop_box(image, self.geometry)
         if not on_device:
             return EncodedImage(torch.empty(0, dtype=torch.uint8), (0, 0, 0, 0), 1,
                                 self.on_worker(path), str(path))  # fmt: skip
-        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        box = stored_box(self.geometry.box(*upright), orientation, width, height)
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         return EncodedImage(data, box, orientation, None, str(path))
 

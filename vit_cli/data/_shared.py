@@ -20,7 +20,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vit_cli.augment import BatchAugment, build_batch_augment
 from vit_cli.config import DataConfig
-from vit_cli.data._device_decode import DecodedLoader, DeviceDecoder, EncodedCollate
+from vit_cli.data._device_decode import (
+    BytesReader,
+    DecodedLoader,
+    DeviceDecoder,
+    EncodedCollate,
+)
 from vit_cli.data._image_files import SkipCounter
 from vit_cli.errors import UserError
 from vit_cli.runtime import Runtime
@@ -173,8 +178,6 @@ class Collate:
 
 
 def _check_device_decoding(cfg: DataConfig, splits: Splits) -> None:
-    from vit_cli.data._device_decode import BytesReader
-
     if not all(
         isinstance(getattr(s, "reader", None), BytesReader) for s in (splits.train, splits.val)
     ):
