@@ -86,9 +86,9 @@ class Runtime:
         Processes that may all use the same cores (torchrun without binding) share them: a
         process bound to its own cores (srun --cpu-bind, taskset) has them to itself.
         """
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
-        if cores == (os.cpu_count() or cores):
+        cpus = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+        if cores == cpus:  # not bound: the machine's cores, shared with the job's processes
             cores //= self.local_world_size
         return max(cores - 1, 1)
 
