@@ -24,6 +24,14 @@ and median of the paired per-round ratios), for each of `--workers`:
     python benchmarks/photo_folders.py /tmp/photos
     python benchmarks/loader.py --folder /tmp/photos/camera --workers 1 2
 
+With `--shards` as well, the same folder's images from WebDataset shards (written from the
+folder by `vit-data pack FOLDER SHARDS`) against the folder itself, both through vit-train's
+loaders (data=webdataset and data=imagefolder), with the same workers:
+
+    vit-data pack /tmp/photos/imagenet_size /tmp/photos/shards --shard-size 250 \
+        data.val_fraction=0.1
+    python benchmarks/loader.py --folder /tmp/photos/imagenet_size --shards /tmp/photos/shards
+
 Examples:
     python benchmarks/loader.py                                  # experiment=vit_cifar10
     python benchmarks/loader.py experiment=vit_cifar10 data.augment.auto_augment=none
@@ -33,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import statistics
 import sys
@@ -91,6 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     folder.add_argument("--img-size", type=int, default=224)
     folder.add_argument("--folder-batch", type=int, default=16, help="images per batch")
     folder.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0])
+    folder.add_argument(
+        "--shards", type=Path, help="vit-data pack's shards of --folder: shards against folder"
+    )
     args = parser.parse_intermixed_args(argv)
     if not args.overrides:
         args.overrides = ["experiment=vit_cifar10"]
@@ -125,6 +137,49 @@ def endless(loader, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, 
         epoch += 1
 
 
+def folder_overrides(args: argparse.Namespace, workers: int) -> list[str]:
+    """The data settings both sides of a folder comparison share."""
+    scale = args.crop_scale
+    return [
+        f"data.img_size={args.img_size}",
+        "data.in_chans=3",
+        f"data.batch_size={args.folder_batch}",
+        f"data.num_workers={workers}",
+        f"data.augment.crop_scale=[{scale[0]},{scale[1]}]",
+        "data.augment.hflip=0.5",
+        "data.augment.eval_crop_ratio=0.875",
+    ]
+
+
+def shard_loaders(args: argparse.Namespace, workers: int) -> dict[str, DataLoader]:
+    """vit-train's train and eval loaders of `args.shards` and of `args.folder`."""
+    manifest = json.loads((args.shards / "manifest.json").read_text())
+
+    def files(split: str) -> str:
+        return "::".join(str(args.shards / s["file"]) for s in manifest["splits"][split]["shards"])
+
+    common = folder_overrides(args, workers)
+    shards = build_data(
+        compose_train_config(
+            ["data=webdataset", f"data.train_shards='{files('train')}'",
+             f"data.val_shards='{files('val')}'", *common]
+        ).data,
+        args.img_size,
+        torch.Generator(),
+    )  # fmt: skip
+    folder_cfg = compose_train_config(
+        ["data=imagefolder", f"data.root={args.folder}", *common]
+        + ([] if (args.folder / "val").is_dir() else ["data.val_fraction=0.1"])
+    )
+    folder = build_data(folder_cfg.data, args.img_size, torch.Generator())
+    return {
+        "shards train": shards.train_loader,
+        "folder train": folder.train_loader,
+        "shards eval": shards.val_loader,
+        "folder eval": folder.val_loader,
+    }
+
+
 def folder_loaders(args: argparse.Namespace, workers: int) -> dict[str, DataLoader]:
     """Ours and timm's train and eval loaders over every image of `args.folder`."""
     from timm.data import create_dataset, create_transform
@@ -134,17 +189,7 @@ def folder_loaders(args: argparse.Namespace, workers: int) -> dict[str, DataLoad
 
     size, scale, ratio, crop_pct = args.img_size, tuple(args.crop_scale), (3 / 4, 4 / 3), 0.875
     cfg = compose_train_config(
-        [
-            "data=imagefolder",
-            f"data.root={args.folder}",
-            f"data.img_size={size}",
-            "data.in_chans=3",
-            f"data.batch_size={args.folder_batch}",
-            f"data.num_workers={workers}",
-            f"data.augment.crop_scale=[{scale[0]},{scale[1]}]",
-            "data.augment.hflip=0.5",
-            f"data.augment.eval_crop_ratio={crop_pct}",
-        ]
+        ["data=imagefolder", f"data.root={args.folder}", *folder_overrides(args, workers)]
     )
     samples = create_dataset("", root=str(args.folder)).reader.samples  # (path, label)
     pixels = cfg.data.max_image_pixels
@@ -209,21 +254,25 @@ def time_loaders(
 
 
 def compare_folders(args: argparse.Namespace, console) -> int:
-    console.print(f"{describe_host(host(torch.device('cpu')))}; {args.folder}")
+    """Ours against timm on `args.folder`, or, with `args.shards`, shards against folder."""
+    a, b = ("shards", "folder") if args.shards else ("ours", "timm")
+    make_loaders = shard_loaders if args.shards else folder_loaders
+    where = f"{args.shards} against {args.folder}" if args.shards else str(args.folder)
+    console.print(f"{describe_host(host(torch.device('cpu')))}; {where}")
     table = Table()
-    for column in ("workers", "pipeline", "ours img/s/worker", "timm img/s/worker",
-                   "ours / timm", "paired ratios (median)"):  # fmt: skip
+    for column in ("workers", "pipeline", f"{a} img/s/worker", f"{b} img/s/worker",
+                   f"{a} / {b}", "paired ratios (median)"):  # fmt: skip
         table.add_column(column, justify="right")
     for workers in args.workers:
         rates = time_loaders(
-            folder_loaders(args, workers), workers, args.batches_per_window, args.windows
+            make_loaders(args, workers), workers, args.batches_per_window, args.windows
         )
         for pipeline in ("train", "eval"):
-            ours, timm = rates[f"ours {pipeline}"], rates[f"timm {pipeline}"]
-            paired = ratios(ours, timm)
+            first, second = rates[f"{a} {pipeline}"], rates[f"{b} {pipeline}"]
+            paired = ratios(first, second)
             table.add_row(
-                str(workers), pipeline, f"{statistics.median(ours):.1f}",
-                f"{statistics.median(timm):.1f}", f"{paired['ratio_of_medians']:.2f}x",
+                str(workers), pipeline, f"{statistics.median(first):.1f}",
+                f"{statistics.median(second):.1f}", f"{paired['ratio_of_medians']:.2f}x",
                 f"{paired['median_of_paired_ratios']:.2f}x",
             )  # fmt: skip
     console.print(

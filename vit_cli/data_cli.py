@@ -1,7 +1,9 @@
-"""`vit-data`: prepare an image folder for training, once, before the runs that read it.
+"""`vit-data`: prepare data for training, once, before the runs that read it.
 
 `vit-data resize` writes a copy of an image folder whose images are at most N pixels on
 their short side, so that each epoch decodes small files instead of camera photos.
+`vit-data pack` writes any data source's splits as WebDataset tar shards (vit_cli/pack.py),
+which data=webdataset streams without a file per image.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from vit_cli.errors import UserError
 USAGE_EXAMPLES = """examples:
   vit-data resize photos/ photos_256/ --short-side 256
   vit-data resize photos/ photos_256/ --short-side 256 --quality 95 --workers 8
+  vit-data pack photos_256/ shards/
+  vit-data pack digits digits_shards/ --shard-size 500
 
 Then train on the copy: vit-train data=imagefolder data.root=photos_256 ...
+or on the shards, with the vit-train command that `vit-data pack` prints at its end.
 Run `vit-data COMMAND --help` for the options of a command.
 """
 
@@ -60,6 +65,29 @@ skipped and listed at the end. A file already in DST is left as it is: after Ctr
 status 130), run the same command again to continue where it stopped.
 """
 
+PACK_EXAMPLES = """examples:
+  vit-data pack photos/ shards/
+  vit-data pack imagefolder shards/ --shard-size 1000 data.root=~/photos data.val_fraction=0.1
+  vit-data pack digits digits_shards/ --shard-size 500
+  vit-data pack cifar10 cifar_shards/ data.root=~/datasets
+
+SRC is the name of a data config (as vit-train's data=NAME), followed by any data.KEY=VALUE
+overrides, or an image folder (data=imagefolder with data.root=SRC; write ./NAME for a
+folder that has a config's name). The data is read as vit-train reads it, downloads
+included. OUT gets train-000000.tar, train-000001.tar, ..., val-000000.tar, ... (and
+test-... where the data has a test split apart from val), N samples to a shard in the
+split's order, each sample under its index in the split (00000000.png, 00000000.cls):
+images held in memory as PNG, image files byte for byte under their format's extension
+(jpg, png, webp, ...), the class number as text. Image files that PIL cannot open are
+skipped and listed at the end.
+Last comes OUT/manifest.json: the classes, the normalisation, and each shard's samples,
+size and MD5, which data=webdataset reads.
+
+The same command writes the same shards: after Ctrl-C (exit status 130), run it again to
+continue, and the shards already written are kept. An OUT written with other settings is
+refused.
+"""
+
 # reduce() by an integer factor first, then LANCZOS over the last factor of 3 or less:
 # Pillow documents this as indistinguishable from LANCZOS over the whole range, and it is
 # several times faster on big PNGs, which have no reduced-size decode as JPEGs do.
@@ -69,7 +97,7 @@ REDUCING_GAP = 3.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vit-data",
-        description="Prepare an image folder for vit-train, once, before the training runs.",
+        description="Prepare data for vit-train, once, before the training runs.",
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -119,7 +147,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {DataConfig.max_image_pixels:,}, vit-train's data.max_image_pixels)",
     )
     resize.set_defaults(run=resize_folder)
-    return parser.parse_args(argv)
+    pack = commands.add_parser(
+        "pack",
+        help="write a data source's splits as WebDataset tar shards, with a manifest",
+        description="Write the train and val splits (and test, where there is one) of data "
+        "source SRC into folder OUT as WebDataset tar shards, for vit-train data=webdataset.",
+        epilog=PACK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pack.add_argument(
+        "src", metavar="SRC", help="a data config (digits, cifar10, ...) or an image folder"
+    )
+    pack.add_argument("out", type=Path, metavar="OUT", help="the folder to write (created)")
+    pack.add_argument(
+        "overrides", nargs="*", metavar="data.KEY=VALUE", help="overrides of the data config"
+    )
+    pack.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="samples in each shard, the last of a split holding the rest (default 1000)",
+    )
+    pack.set_defaults(run=pack_source)
+    # Overrides after --shard-size are left over by argparse, which does not take the
+    # positional arguments of one command on both sides of an option.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "pack" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
+    return args
 
 
 class Job(NamedTuple):
@@ -168,7 +226,7 @@ def resize_folder(args: argparse.Namespace) -> int:
     ]
     counts = {"resized": 0, "copied": 0}
     unreadable: list[Outcome] = []
-    with stop_on_first_sigint() as stop, progress_bar(len(jobs)) as advance:
+    with stop_on_first_sigint() as stop, progress_bar("resize", len(jobs)) as advance:
         for outcome in resized(jobs, args.workers, stop):
             if outcome.kind == "unreadable":
                 unreadable.append(outcome)
@@ -197,6 +255,29 @@ def resize_folder(args: argparse.Namespace) -> int:
         f"wrote {dst}",
         flush=True,
     )
+    return 0
+
+
+def pack_source(args: argparse.Namespace) -> int:
+    """Write SRC's splits into OUT as shards, then the manifest; returns the exit status."""
+    from vit_cli import pack
+
+    packing = pack.open_packing(args.src, args.out, args.overrides, args.shard_size)
+    kept = len(packing.written)
+    samples = sum(len(shard.indices) for shard in packing.todo())
+    with stop_on_first_sigint() as stop, progress_bar("pack", samples) as advance:
+        pack.write_shards(packing, stop, advance)
+    if packing.todo():
+        print(
+            f"vit-data: Interrupted with {len(packing.written)} of {len(packing.shards)} "
+            f"shards written into {packing.out}. Run the same command again to continue: "
+            "the shards written are kept.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    pack.write_manifest(packing)
+    print(pack.summary(packing, kept), flush=True)
     return 0
 
 
@@ -249,9 +330,9 @@ def stop_on_first_sigint() -> Iterator[threading.Event]:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on a terminal (stderr, so that stdout can go to a log);
-    elsewhere nothing. Yields the function that counts one file done."""
+def progress_bar(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar titled `label` on a terminal (stderr, so that stdout can go to a
+    log); elsewhere nothing. Yields the function that counts one item done."""
     if not on_terminal(sys.stderr):
         yield lambda: None
         return
@@ -266,14 +347,14 @@ def progress_bar(total: int) -> Iterator[Callable[[], None]]:
     )
 
     columns = (
-        TextColumn("resize"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("resize", total=total)
+        task = progress.add_task(label, total=total)
         yield lambda: progress.advance(task)
 
 
@@ -415,7 +496,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`vit-data`: prepare an image folder; see `vit-data --help`."""
+    """`vit-data`: prepare data for training; see `vit-data --help`."""
     args = parse_args(argv)
     with reported_errors(tool="vit-data"):
         status = args.run(args)

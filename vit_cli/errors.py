@@ -15,6 +15,12 @@ class UserError(Exception):
     """A problem with the user's config, files or data, with a message that says the fix."""
 
 
+def first_line(error: Exception) -> str:
+    """A library's exception as one line for a UserError: its type and first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def no_space_error(error: BaseException | None) -> OSError | None:
     """The full-disk OSError behind `error`, if there is one. torch.save reports a failed
     write as a RuntimeError, and TensorBoard's writer thread as a later error of its own;

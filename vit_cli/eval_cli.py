@@ -207,7 +207,11 @@ def run(args: argparse.Namespace) -> dict:
         "weights": weights,
         "data": {
             "name": data_cfg.name,
-            "root": getattr(data_cfg, "root", None),
+            # Where the images were read: a folder (root), a dataset (hf's path) or shards.
+            "root": next(
+                (v for k in ("root", "path", "val_shards") if (v := getattr(data_cfg, k, None))),
+                None,
+            ),
             "split": args.split,
         },
         "precision": precision.label,

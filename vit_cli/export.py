@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vit_cli.augment import pil_mode
-from vit_cli.errors import UserError, no_space_error
+from vit_cli.errors import UserError, first_line, no_space_error
 from vit_cli.inference import EvalTransform, eval_transform_of, read_for_inference
 from vit_cli.models.factory import model_from_checkpoint
 from vit_cli.runtime import resolve_device
@@ -149,11 +149,6 @@ def require_onnx() -> None:
             f"--format onnx needs {', '.join(missing)}, which are not installed. Install them "
             'with pip install -e ".[export]" in a checkout, or pip install "vit-cli[export]".'
         )
-
-
-def first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- writers

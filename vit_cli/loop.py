@@ -171,7 +171,7 @@ def train_one_epoch(
     t.model.train()
     device, updater, runtime = t.runtime.device, t.updater, t.runtime
     epoch_length = len(t.data.train_loader)
-    batches = t.data.train_epoch(t.settings.seed + state.epoch, state.epoch_batches)
+    batches = t.data.train_epoch(t.settings.seed + state.epoch, state.epoch_batches, state.epoch)
     micro = 0
     start = time.perf_counter() - state.epoch_seconds
     sinks.epoch_started(state.epoch + 1, t.settings.epochs, epoch_length - state.epoch_batches)

@@ -1,11 +1,12 @@
 """Data sources: one registry from a source's name to its config schema and its builder.
 
-Each module of this package is one source (digits, cifar, mnist, imagefolder, fake) and defines
+Each module of this package is one source (digits, cifar, mnist, imagefolder, fake,
+webdataset, hf) and defines
 `SOURCE = DataSource(schema=..., build=...)`; `configs/data/<name>.yaml` names the schema in
 its defaults (`/schema/data/<name>@_here_`). Adding a source is one module here and one YAML:
 `sources` finds the module, `composition.register_configs` stores its schema. Modules whose names
 start with `_` are not sources (`_shared`: collate, loaders; `_image_files` and `_decode`:
-image files).
+image files; `_shards`: WebDataset shards as a stream).
 
 The source modules import torch when they build, and the shared parts load on first use,
 so that composing a config (`vit-train --help`, a misspelt key) stays fast.

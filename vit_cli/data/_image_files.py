@@ -1,12 +1,13 @@
 """Image files as datasets: each file read by `FileReader` (`_decode.read_crop`, as a uint8
-tensor), unreadable ones skipped and counted."""
+tensor), unreadable ones skipped and counted. The files may also be encoded images held
+elsewhere, such as the rows of a table (data=hf): `ImageFiles(..., fetch=...)`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
@@ -37,7 +38,7 @@ class FileReader:
         self.max_pixels = max_pixels
         self.dct_scaling = dct_scaling
 
-    def __call__(self, path: str | Path) -> torch.Tensor:
+    def __call__(self, path: str | Path | BinaryIO) -> torch.Tensor:
         crop = read_crop(path, self.in_chans, self.geometry, self.max_pixels, self.dct_scaling)
         return TF.pil_to_tensor(crop)
 
@@ -53,16 +54,16 @@ class SkipCounter:
         self.counts = torch.zeros(65, dtype=torch.int64).share_memory_()
         self.warned = torch.zeros(1, dtype=torch.bool).share_memory_()
 
-    def add(self, path: str, error: Exception) -> None:
+    def add(self, path: str, error: Exception, what: str = "image") -> None:
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (len(self.counts) - 1)
         self.counts[slot] += 1
         if not bool(self.warned):
             self.warned.fill_(True)
             log.warning(
-                "unreadable image %s skipped (%s: %s); further ones are counted in the log "
+                "unreadable %s %s skipped (%s: %s); further ones are counted in the log "
                 "and in TensorBoard's data/skipped_images",
-                path, type(error).__name__, error,
+                what, path, type(error).__name__, error,
             )  # fmt: skip
 
     def take(self) -> int:
@@ -75,16 +76,25 @@ class SkipCounter:
 class ImageFiles(Dataset):
     """(path, label) pairs read by `reader`; an unreadable file yields None and is counted.
 
+    With `fetch`, `reader` reads `fetch(i)` instead of sample i's path (data=hf: a table
+    row's image bytes), and the path only names the sample, in logs and in `read_paths`.
+    `fetch` is called inside the loader workers, so it must pickle.
+
     `unreadable[i]` (shared with loader workers) marks sample i once it failed to read, so
     that vit-eval can name the files behind its per-image predictions.
     """
 
     def __init__(
-        self, samples: list[tuple[str, int]], reader: Callable[[str], Any], skipped: SkipCounter
+        self,
+        samples: list[tuple[str, int]],
+        reader: Callable[[Any], Any],
+        skipped: SkipCounter,
+        fetch: Callable[[int], Any] | None = None,
     ) -> None:
         self.samples = samples
         self.reader = reader
         self.skipped = skipped
+        self.fetch = fetch
         self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -93,13 +103,13 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int] | None:
         path, label = self.samples[i]
         try:
-            return self.reader(path), label
+            return self.reader(path if self.fetch is None else self.fetch(i)), label
         except UNREADABLE as e:
             self.skipped.add(path, e)
             self.unreadable[i] = True
             return None
 
     def read_paths(self) -> list[str]:
-        """The paths of the samples read so far without error, in order."""
+        """The paths (or names) of the samples read so far without error, in order."""
         unreadable = self.unreadable.tolist()
         return [path for (path, _), bad in zip(self.samples, unreadable, strict=True) if not bad]

@@ -27,6 +27,7 @@ from vit_cli.data._device_decode import (
     EncodedCollate,
 )
 from vit_cli.data._image_files import SkipCounter
+from vit_cli.data._shards import ShardStream
 from vit_cli.errors import UserError
 from vit_cli.runtime import Runtime
 
@@ -47,11 +48,16 @@ class DataBundle:
     # reads a test split that training never scored (vit-eval --split test).
     same_val_as_training: bool = True
 
-    def train_epoch(self, seed: int, skip_batches: int = 0) -> Iterator:
-        """The training batches of the epoch whose order `seed` fixes, from batch number
+    def train_epoch(self, seed: int, skip_batches: int = 0, epoch: int = 0) -> Iterator:
+        """The training batches of epoch `epoch`, whose order `seed` fixes, from batch number
         `skip_batches` on (a resumed epoch)."""
-        self.train_loader.sampler.set_epoch(seed, skip_batches * self.train_loader.batch_size)
-        return iter(self.train_loader)
+        loader = self.train_loader
+        start = skip_batches * loader.batch_size
+        if isinstance(loader.dataset, ShardStream):
+            loader.dataset.set_epoch(seed, start)
+            return loader.dataset.without_keys(iter(loader), epoch)
+        loader.sampler.set_epoch(seed, start)
+        return iter(loader)
 
 
 @dataclass
@@ -150,28 +156,37 @@ def _intra_op_threads(threads: int | None) -> Iterator[None]:
 
 
 class Collate:
-    """Stack a list of (image, label) samples, dropping None (or take `StackedSamples` as
-    they are), then run `augment` on the batch with `threads` intra-op threads (None: as many
-    as the process has)."""
+    """Stack a list of (image, label) or (image, label, key) samples, dropping None (or take
+    `StackedSamples` as they are), then run `augment` on the batch with `threads` intra-op
+    threads (None: as many as the process has). With `keys`, the batch's sample keys come
+    third."""
 
     def __init__(
-        self, augment: BatchAugment, sample_shape: tuple[int, int, int], threads: int | None
+        self,
+        augment: BatchAugment,
+        sample_shape: tuple[int, int, int],
+        threads: int | None,
+        keys: bool = False,
     ) -> None:
         self.augment = augment
         self.sample_shape = sample_shape
         self.threads = threads
+        self.keys = keys
 
-    def __call__(self, samples: list | StackedSamples) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: list | StackedSamples) -> tuple:
         if isinstance(samples, StackedSamples):
             images, labels = samples
         else:
             samples = [s for s in samples if s is not None]
             if not samples:
-                return torch.empty(0, *self.sample_shape), torch.empty(0, dtype=torch.long)
-            images = torch.stack([image for image, _ in samples])  # (B, C, H, W)
-            labels = torch.as_tensor([int(label) for _, label in samples])  # (B,)
+                images = torch.empty(0, *self.sample_shape)
+                labels = torch.empty(0, dtype=torch.long)
+                return (images, labels, []) if self.keys else (images, labels)
+            images = torch.stack([s[0] for s in samples])  # (B, C, H, W)
+            labels = torch.as_tensor([int(s[1]) for s in samples])  # (B,)
         with _intra_op_threads(self.threads):
-            return self.augment(images), labels
+            batch = self.augment(images), labels
+        return (*batch, [s[2] for s in samples]) if self.keys else batch
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -185,6 +200,30 @@ def _check_device_decoding(cfg: DataConfig, splits: Splits) -> None:
             f"data.decode=device decodes image files; data={cfg.name} holds its images in "
             "memory or decodes them itself. Leave data.decode at workers."
         )
+
+
+def _stream_loaders(
+    cfg: DataConfig,
+    splits: Splits,
+    runtime: Runtime,
+    collates: tuple[Collate, Collate],
+    common: dict,
+) -> tuple[DataLoader, DataLoader]:
+    """The loaders of shards (`ShardStream`): the streams share themselves out between the
+    processes and their workers, so there is no sampler; training batches carry their keys."""
+    if cfg.augment.repeats > 1:
+        raise UserError(
+            f"data.augment.repeats={cfg.augment.repeats} repeats samples drawn by index; "
+            f"data={cfg.name} streams its samples. Set data.augment.repeats=1."
+        )
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    splits.train.distribute(cfg.batch_size, runtime.rank, runtime.world_size)
+    splits.val.distribute(eval_batch, runtime.rank, runtime.world_size)
+    train_loader = DataLoader(
+        splits.train, batch_size=cfg.batch_size, collate_fn=collates[0], **common
+    )
+    val_loader = DataLoader(splits.val, batch_size=eval_batch, collate_fn=collates[1], **common)
+    return train_loader, val_loader
 
 
 def loaders(
@@ -212,23 +251,30 @@ def loaders(
     on_device = cfg.decode == "device"
     if on_device:
         _check_device_decoding(cfg, splits)
-    train_sampler = runtime.train_sampler(len(splits.train), generator, cfg.augment.repeats)
-    train_loader = DataLoader(
-        splits.train,
-        batch_size=cfg.batch_size,
-        sampler=train_sampler,
-        drop_last=len(train_sampler) > cfg.batch_size,
-        generator=generator,
-        collate_fn=EncodedCollate() if on_device else Collate(train_augment, shape, threads),
-        **common,
-    )
-    val_loader = DataLoader(
-        splits.val,
-        batch_size=cfg.eval_batch_size or cfg.batch_size,
-        sampler=runtime.eval_sampler(len(splits.val)),
-        collate_fn=EncodedCollate() if on_device else Collate(val_augment, shape, threads),
-        **common,
-    )
+    if isinstance(splits.train, ShardStream):
+        collates = (
+            Collate(train_augment, shape, threads, keys=True),
+            Collate(val_augment, shape, threads),
+        )
+        train_loader, val_loader = _stream_loaders(cfg, splits, runtime, collates, common)
+    else:
+        train_sampler = runtime.train_sampler(len(splits.train), generator, cfg.augment.repeats)
+        train_loader = DataLoader(
+            splits.train,
+            batch_size=cfg.batch_size,
+            sampler=train_sampler,
+            drop_last=len(train_sampler) > cfg.batch_size,
+            generator=generator,
+            collate_fn=EncodedCollate() if on_device else Collate(train_augment, shape, threads),
+            **common,
+        )
+        val_loader = DataLoader(
+            splits.val,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            sampler=runtime.eval_sampler(len(splits.val)),
+            collate_fn=EncodedCollate() if on_device else Collate(val_augment, shape, threads),
+            **common,
+        )
     if on_device:
         C, device, skipped = cfg.in_chans, runtime.device, splits.skipped
         train_loader = DecodedLoader(
