@@ -8,6 +8,8 @@ greyscale PNG:
   OUT/parquet/train.parquet, OUT/parquet/validation.parquet   for data=hf: an Image column
                                                                of the PNGs, a ClassLabel label
   OUT/folder/train/0..9/*.png, OUT/folder/val/0..9/*.png       for data=imagefolder
+  OUT/shards/train-000000.tar, ..., OUT/shards/val-000000.tar  for data=webdataset: written
+                                                               by webdataset's ShardWriter
 
     python benchmarks/digits_as_files.py /tmp/digits --format both
     vit-train data=hf data.path=/tmp/digits/parquet <the overrides this script prints>
@@ -90,12 +92,37 @@ def write_folder(splits: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) ->
             (out / split / str(label) / f"{i:04d}.png").write_bytes(png_bytes(image))
 
 
+def write_shards(splits: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, size: int) -> str:
+    """WebDataset shards of `size` samples (key train00012: .png and .cls), written by
+    webdataset's own ShardWriter, as another tool would write them (no manifest); returns
+    the data.train_shards and data.val_shards overrides that name them."""
+    import webdataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for split, (images, labels) in splits.items():
+        pattern = str(out / f"{split}-%06d.tar")
+        with webdataset.ShardWriter(pattern, maxcount=size, verbose=0) as writer:
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+                writer.write(
+                    {"__key__": f"{split}{i:05d}", "png": png_bytes(image), "cls": str(label)}
+                )
+            count = writer.shard
+        last = f"{{000000..{count - 1:06d}}}" if count > 1 else "000000"
+        names[split] = f"\"data.{split}_shards='{out}/{split}-{last}.tar'\""
+    return f"{names['train']} {names['val']}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", type=Path, help="the folder to write parquet/ and folder/ in")
-    parser.add_argument("--format", choices=("parquet", "folder", "both"), default="both")
+    parser.add_argument("out", type=Path, help="the folder to write parquet/, folder/, shards/ in")
+    parser.add_argument(
+        "--format", choices=("parquet", "folder", "shards", "both", "all"), default="both",
+        help="both: parquet and folder; all: the three",
+    )  # fmt: skip
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (500)")
     parser.add_argument("--size", type=int, default=16, help="image side in pixels (16)")
     return parser.parse_args(argv)
 
@@ -104,12 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     splits = digit_images(args.size)
     overrides = " ".join(f"'{o}'" if "[" in o else o for o in recipe(args.size))
-    if args.format in ("parquet", "both"):
+    if args.format in ("parquet", "both", "all"):
         write_parquet(splits, args.out / "parquet")
         print(f"vit-train data=hf data.path={args.out / 'parquet'} {overrides}")
-    if args.format in ("folder", "both"):
+    if args.format in ("folder", "both", "all"):
         write_folder(splits, args.out / "folder")
         print(f"vit-train data=imagefolder data.root={args.out / 'folder'} {overrides}")
+    if args.format in ("shards", "all"):
+        shards = write_shards(splits, args.out / "shards", args.shard_size)
+        print(f"vit-train data=webdataset {shards} {overrides}")
 
 
 if __name__ == "__main__":

@@ -152,26 +152,31 @@ def folder_overrides(args: argparse.Namespace, workers: int) -> list[str]:
 
 
 def shard_loaders(args: argparse.Namespace, workers: int) -> dict[str, DataLoader]:
-    """vit-train's train and eval loaders of `args.shards` and of `args.folder`."""
+    """vit-train's train and eval loaders over the training images of `args.shards` and of
+    `args.folder` (the same images; eval reads them too, so that an epoch is long enough
+    for its start not to weigh: a val split of a few batches would time mostly that)."""
+    from vit_cli.data import FileReader, ImageFiles
+    from vit_cli.data._shared import Splits, loaders
+
     manifest = json.loads((args.shards / "manifest.json").read_text())
-
-    def files(split: str) -> str:
-        return "::".join(str(args.shards / s["file"]) for s in manifest["splits"][split]["shards"])
-
+    files = "::".join(str(args.shards / s["file"]) for s in manifest["splits"]["train"]["shards"])
     common = folder_overrides(args, workers)
-    shards = build_data(
-        compose_train_config(
-            ["data=webdataset", f"data.train_shards='{files('train')}'",
-             f"data.val_shards='{files('val')}'", *common]
-        ).data,
-        args.img_size,
-        torch.Generator(),
-    )  # fmt: skip
-    folder_cfg = compose_train_config(
-        ["data=imagefolder", f"data.root={args.folder}", *common]
-        + ([] if (args.folder / "val").is_dir() else ["data.val_fraction=0.1"])
+    shard_cfg = compose_train_config(
+        ["data=webdataset", f"data.train_shards='{files}'", f"data.val_shards='{files}'", *common]
     )
-    folder = build_data(folder_cfg.data, args.img_size, torch.Generator())
+    shards = build_data(shard_cfg.data, args.img_size, torch.Generator())
+    split = [] if (args.folder / "val").is_dir() else ["data.val_fraction=0.1"]
+    folder_cfg = compose_train_config(
+        ["data=imagefolder", f"data.root={args.folder}", *common, *split]
+    )
+    train = build_data(folder_cfg.data, args.img_size, torch.Generator()).train_loader.dataset
+    aug, pixels = folder_cfg.data.augment, folder_cfg.data.max_image_pixels
+    as_eval = ImageFiles(
+        train.samples, FileReader(args.img_size, 3, aug, False, pixels), train.skipped
+    )
+    folder = loaders(
+        folder_cfg.data, Splits(train, as_eval, manifest["classes"]), args.img_size, torch.Generator()
+    )  # fmt: skip
     return {
         "shards train": shards.train_loader,
         "folder train": folder.train_loader,

@@ -306,7 +306,7 @@ class ShardStream(IterableDataset):
     def without_keys(self, batches: Iterator[tuple], epoch: int) -> Iterator[tuple]:
         """`batches` (images, labels, keys) as (images, labels). With `key_log`, each batch's
         keys are appended to key_log/keys-rank<R>.txt as the batch is taken to be trained
-        on, a line `<epoch> <key>` each: what every process trained on, in order."""
+        on, a line each (the epoch, a tab, the key): what every process trained on."""
         path = None if self.key_log is None else self.key_log / f"keys-rank{self.rank}.txt"
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
