@@ -219,6 +219,24 @@ class DataConfig:
         ]
 
 
+@dataclass
+class HeldOutConfig(DataConfig):
+    """The keys of a source that can hold out part of its training images as val (image
+    folders, the MNIST family, Hugging Face datasets)."""
+
+    # The share of each class held out, drawn with `split_seed` (fixed apart from `seed`, so
+    # that runs compare on one split); 0: the source's own val split.
+    val_fraction: float = 0.0
+    split_seed: int = 0
+
+    def checks(self) -> list[Check]:
+        return [
+            *super().checks(),
+            share("data.val_fraction", self.val_fraction),
+            not_negative("data.split_seed", self.split_seed),
+        ]
+
+
 # More loader processes than this is a slip of the keyboard, not a setting: each one is a
 # process, and a DataLoader starts them all at once.
 MAX_WORKERS = max(64, 8 * (os.cpu_count() or 1))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from vit_cli.config import Check, DataConfig, not_negative, share
+from vit_cli.config import HeldOutConfig
 from vit_cli.data import DataSource
 from vit_cli.errors import UserError, first_line
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class HFConfig(DataConfig):
+class HFConfig(HeldOutConfig):
     name: str = "hf"
     # A folder saved with save_to_disk, a folder of Parquet files, or a Parquet file or glob
     # (which is then the train split).
@@ -46,19 +46,9 @@ class HFConfig(DataConfig):
     val_split: Optional[str] = None  # noqa: UP045
     image_column: str = "image"
     label_column: str = "label"
-    # The share of each class of train held out for val, drawn with `split_seed`, for data
-    # without a val split (0: use the data's own val split).
-    val_fraction: float = 0.0
-    split_seed: int = 0
+    # data.val_fraction: for data without a val split.
     # The label column decides the classes; a number given here must match them.
     num_classes: Optional[int] = None  # noqa: UP045
-
-    def checks(self) -> list[Check]:
-        return [
-            *super().checks(),
-            share("data.val_fraction", self.val_fraction),
-            not_negative("data.split_seed", self.split_seed),
-        ]
 
 
 # The splits taken as val when data.val_split is null, in this order: the names `datasets`

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vit_cli.config import Check, DataConfig, not_negative, share
+from vit_cli.config import HeldOutConfig
 from vit_cli.data import DataSource
 from vit_cli.errors import UserError
 
@@ -20,22 +20,12 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class ImageFolderConfig(DataConfig):
+class ImageFolderConfig(HeldOutConfig):
     name: str = "imagefolder"
     root: Optional[str] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
-    # Without train/ and val/ subfolders: the share of each class held out for val, drawn
-    # with `split_seed` (fixed apart from `seed`, so runs compare on one split).
-    val_fraction: float = 0.0
-    split_seed: int = 0
+    # data.val_fraction: for a root without train/ and val/ subfolders.
     # The class folders decide the classes; a number given here must match them.
     num_classes: Optional[int] = None  # noqa: UP045
-
-    def checks(self) -> list[Check]:
-        return [
-            *super().checks(),
-            share("data.val_fraction", self.val_fraction),
-            not_negative("data.split_seed", self.split_seed),
-        ]
 
 
 def _image_files(folder: Path) -> dict[str, list[str]]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Optional
 
-from vit_cli.config import Check, DataConfig, not_negative, one_of, share
+from vit_cli.config import Check, HeldOutConfig, one_of
 from vit_cli.data import DataSource
 from vit_cli.errors import UserError
 
@@ -65,26 +65,19 @@ CLASS_NAMES = {
 
 
 @dataclass
-class IdxConfig(DataConfig):
+class IdxConfig(HeldOutConfig):
     name: str = "fashion_mnist"
     # The folder with the four IDX files, flat or in torchvision's <Name>/raw/ (null: Debian's
     # package folder when it exists, else ~/.cache/vit_cli/data).
     root: Optional[str] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
     # Fetch missing files with torchvision's downloader (official mirrors, md5 checked).
     download: bool = True
-    # 0: the official test split is the val split. Above 0: this share of each training
-    # class is held out as val instead (drawn with split_seed), and the test split is
-    # scored once, by vit-eval --split test.
-    val_fraction: float = 0.0
-    split_seed: int = 0
+    # data.val_fraction 0: the official test split is the val split. Above 0: that share of
+    # each training class is held out as val instead, and the test split is scored once,
+    # by vit-eval --split test.
 
     def checks(self) -> list[Check]:
-        return [
-            *super().checks(),
-            one_of("data.name", self.name, NAMES),
-            share("data.val_fraction", self.val_fraction),
-            not_negative("data.split_seed", self.split_seed),
-        ]
+        return [*super().checks(), one_of("data.name", self.name, NAMES)]
 
 
 def _torchvision_class(name: str) -> type[datasets.MNIST]:
