@@ -26,8 +26,9 @@ class CropGeometry:
     """Which part of an image becomes the model's img_size x img_size input.
 
     Train with `aug.crop_scale`: a random resized crop (`random_resized_box`: area share
-    in crop_scale, aspect ratio log-uniform in crop_ratio, as torchvision samples it). Eval (and train without it):
-    resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
+    in crop_scale, aspect ratio log-uniform in crop_ratio, as torchvision samples it). Eval
+    (and train without it): resize the short side to img_size / eval_crop_ratio, then
+    centre-crop img_size.
 
     `box` works from an image's size alone, so that a decoder can decode no more pixels
     than the box needs (`data._decode.read_crop`); `crop` cuts the box out and resizes it

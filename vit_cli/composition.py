@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from vit_cli.config import TrainConfig
+from vit_cli.config import DataConfig, TrainConfig
 from vit_cli.data import sources
+from vit_cli.errors import UserError
 from vit_cli.models import families
 
 
@@ -39,3 +40,18 @@ def compose_train_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return OmegaConf.to_object(cfg)
+
+
+def compose_data_config(overrides: list[str]) -> DataConfig:
+    """The data group of `overrides` (data=NAME and data.KEY=VALUE), composed as vit-train
+    composes it; a value left missing or an override Hydra cannot read is a UserError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return compose_train_config(overrides).data
+    except MissingMandatoryValue as e:
+        key = e.full_key.removeprefix("data.")
+        raise UserError(f"data.{key} has no value: add data.{key}=<value>.") from e
+    except (OmegaConfBaseException, HydraException) as e:
+        raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e

@@ -65,10 +65,7 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
     (channels, normalisation, eval crop ratio, class count) is the checkpoint's, set before
     the user's `data.KEY=VALUE` overrides.
     """
-    from hydra.errors import HydraException
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from vit_cli.composition import compose_train_config
+    from vit_cli.composition import compose_data_config
     from vit_cli.data import sources
 
     groups = [o.removeprefix("data=") for o in overrides if o.startswith("data=")]
@@ -95,13 +92,7 @@ def eval_data_config(saved: dict, data_info: dict, overrides: list[str]):
         "augment.eval_crop_ratio": saved["data"].get("augment", {}).get("eval_crop_ratio", 1.0),
     }
     dotlist = own + [f"{key}={json.dumps(value)}" for key, value in pinned.items()] + keys
-    try:
-        return compose_train_config([f"data={name}", *(f"data.{entry}" for entry in dotlist)]).data
-    except MissingMandatoryValue as e:
-        key = e.full_key.removeprefix("data.")
-        raise UserError(f"data.{key} has no value: add data.{key}=<value>.") from e
-    except (OmegaConfBaseException, HydraException) as e:
-        raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e
+    return compose_data_config([f"data={name}", *(f"data.{entry}" for entry in dotlist)])
 
 
 def _overrides(values: dict, schema: type) -> list[str]:

@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from vit_cli.config import DataConfig, validate
-from vit_cli.data._shards import webdataset_module
+from vit_cli.data._shards import MANIFEST, webdataset_module
+from vit_cli.data.webdataset import WebDatasetConfig
 from vit_cli.errors import UserError
 
 FORMAT = "vit-data pack 1"
-MANIFEST = "manifest.json"
 # The settings of the shards in a folder and what each one holds: a rerun keeps the shards
 # listed here and refuses other settings. Written after every shard.
 PROGRESS = ".pack-progress.json"
-LABEL_KEY = "cls"
 # The extensions of image files by PIL's name of their format, where it is not the format in
 # lower case: as webdataset's decoders and data=webdataset name them (MPO: a phone's JPEG).
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg"}
@@ -109,10 +108,7 @@ def open_packing(src: str, out: Path, overrides: list[str], shard_size: int) -> 
 def data_config(src: str, overrides: list[str]) -> DataConfig:
     """The data config SRC names (a file of configs/data/, or an image folder for
     data=imagefolder), composed by Hydra as vit-train composes it, and checked."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from vit_cli.composition import compose_train_config
+    from vit_cli.composition import compose_data_config
 
     others = [o for o in overrides if not o.startswith("data.")]
     if others:
@@ -135,13 +131,7 @@ def data_config(src: str, overrides: list[str]) -> DataConfig:
             f"SRC {src} is neither a data config ({', '.join(names)}) nor a folder: name one "
             "of those, or the image folder to pack."
         )
-    try:
-        cfg = compose_train_config([*group, *overrides]).data
-    except MissingMandatoryValue as e:
-        key = e.full_key.removeprefix("data.")
-        raise UserError(f"data.{key} has no value: add data.{key}=<value>.") from e
-    except (OmegaConfBaseException, HydraException) as e:
-        raise UserError(f"Invalid data override: {str(e).splitlines()[0]}") from e
+    cfg = compose_data_config([*group, *overrides])
     validate(cfg)
     return cfg
 
@@ -258,7 +248,7 @@ def write_shard(
                     sample = {
                         "__key__": f"{i:08d}",
                         key: image,
-                        LABEL_KEY: str(int(label)).encode(),
+                        WebDatasetConfig.label_key: str(int(label)).encode(),
                     }
                     tar.write(sample)
                     samples += 1
@@ -354,7 +344,7 @@ def write_manifest(packing: Packing) -> Path:
         "in_chans": cfg.in_chans,
         "mean": cfg.mean,
         "std": cfg.std,
-        "label_key": LABEL_KEY,
+        "label_key": WebDatasetConfig.label_key,
         "image_keys": image_keys(packing),
         "splits": splits,
     }
@@ -384,8 +374,6 @@ CARRIED = ("batch_size", "shift", "augment.")
 def train_command(packing: Packing) -> str:
     """The vit-train command that trains on the shards as vit-train trains on SRC, quoted for
     a POSIX shell."""
-    from vit_cli.data.webdataset import WebDatasetConfig
-
     cfg = packing.cfg
     values = {
         "train_shards": hydra_quoted(shard_pattern(packing, "train")),
