@@ -36,6 +36,10 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = max(1, (cores or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+    # The tests press Ctrl-C on the runs they start (SIGINT). A shell starts a background
+    # job with SIGINT ignored, and an ignored signal stays ignored across exec, so under
+    # `bash .ci/run &` the runs would never see it; with a handler here, they get the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Overrides that shrink the default digits run to a few seconds (at batch 32: 44 steps an
