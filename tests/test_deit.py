@@ -256,6 +256,8 @@ def test_torchvision_teacher_from_local_weights(tmp_path):
         TeacherConfig(arch="resnet18", weights=str(tmp_path / "resnet18.pt")), 10, in_chans=1
     )
     gray = torch.randn(2, 1, 32, 32)
+    # The teacher runs channels-last (faster convolutions) and predicts what the model does.
+    assert teacher.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(teacher(gray), resnet(gray.expand(2, 3, 32, 32)))
     with pytest.raises(
         UserError, match=r"100 classes.*fc.weight: checkpoint \(10, 512\) vs model \(100, 512\)"
