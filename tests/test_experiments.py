@@ -34,7 +34,8 @@ REQUIRED = {
 def test_the_presets_are_the_documented_ones():
     assert PRESETS == [
         "deit_small_384", "deit_tiny_imagenet", "digits_best", "fashion_mnist_deit",
-        "fashion_mnist_vit", "fashion_mnist_vit_gpu", "finetune_imagefolder",
+        "fashion_mnist_vit", "fashion_mnist_vit_gpu", "fashion_mnist_vit_long",
+        "finetune_imagefolder",
         "swin_tiny_imagenet", "vit_cifar10",
     ]  # fmt: skip
 
@@ -103,6 +104,18 @@ def test_cifar_preset_is_a_patch_4_vit_on_cifar10(compose_cfg):
     assert (cfg.model.img_size, cfg.model.patch_size) == (32, 4)
     assert (cfg.data.name, cfg.data.num_classes, cfg.data.img_size) == ("cifar10", 10, 32)
     assert cfg.data.download
+
+
+def test_the_long_fashion_mnist_preset_is_the_half_hour_one_trained_longer(compose_cfg):
+    short = compose_cfg("experiment=fashion_mnist_vit")
+    long = compose_cfg("experiment=fashion_mnist_vit_long")
+    assert long.model == short.model and long.optimizer == short.optimizer
+    assert (long.data.shift, long.data.augment.hflip) == (
+        short.data.shift,
+        short.data.augment.hflip,
+    )
+    assert (long.trainer.epochs, long.scheduler.warmup_epochs) == (80, 5)
+    assert (short.data.augment.erase_prob, long.data.augment.erase_prob) == (0.0, 0.25)
 
 
 def test_choosing_a_dataset_sets_its_size_classes_and_normalisation(compose_cfg):
