@@ -35,8 +35,7 @@ def test_the_presets_are_the_documented_ones():
     assert PRESETS == [
         "deit_small_384", "deit_tiny_imagenet", "digits_best", "fashion_mnist_deit",
         "fashion_mnist_vit", "fashion_mnist_vit_gpu", "fashion_mnist_vit_long",
-        "finetune_imagefolder",
-        "swin_tiny_imagenet", "vit_cifar10",
+        "finetune_imagefolder", "swin_tiny_imagenet", "vit_cifar10",
     ]  # fmt: skip
 
 
