@@ -33,7 +33,7 @@ from torch import nn
 from vit_cli.checkpoint import save_checkpoint
 from vit_cli.composition import compose_train_config
 from vit_cli.data import build_data
-from vit_cli.evaluation import evaluate
+from vit_cli.evaluation import accuracy_counts, evaluate
 from vit_cli.precision import resolve_precision
 from vit_cli.runtime import resolve_device
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             images, targets = images.to(device), targets.to(device)
             logits = model(images)
             loss = F.cross_entropy(logits, targets)
-            correct += (logits.argmax(1) == targets).sum().item()
+            correct += accuracy_counts(logits, targets, (1,))[0]
             seen += len(targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
